@@ -1,0 +1,155 @@
+"""Atomic checkpoints: tensors in safetensors (no pickle), everything else in JSON.
+
+A checkpoint is a directory ``checkpoints/step-NNNNNNNN`` holding ``model.safetensors``,
+``optimizer.safetensors`` and ``state.json`` (global step, epoch, config digest, the config and
+the optimizer's non-tensor state). It is written under a temporary name, every file is fsynced,
+then the directory is renamed into place and its parent fsynced: a process killed at any point
+leaves either the complete new checkpoint or none, and the previous one untouched. Only names
+matching ``step-NNNNNNNN`` with a readable ``state.json`` are ever resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as dump_tensors
+
+from pipeline.errors import CheckpointError
+
+CHECKPOINTS = "checkpoints"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint."""
+
+    path: Path
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    state: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        """Updates applied when it was written; training goes on with this global step."""
+        return int(self.state["step"])
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def save_model(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Write a model ``state_dict`` as safetensors, atomically."""
+    write_file_atomic(path, dump_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write the checkpoint of global ``step`` atomically and prune to the newest ``keep``."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    opt_tensors, opt_rest = _split_optimizer_state(optimizer_state)
+    files = {
+        "model.safetensors": dump_tensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}),
+        "optimizer.safetensors": dump_tensors(opt_tensors),
+        # state.json last: its presence in a renamed directory marks a complete checkpoint.
+        "state.json": json.dumps({**state, "step": step, "optimizer": opt_rest}, indent=1).encode(),
+    }
+    for name, data in files.items():
+        with open(tmp / name, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-run of the same step (after a resume): replace it whole
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load a checkpoint directory; errors name the file that is missing or unreadable."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        model = load_tensors((path / "model.safetensors").read_bytes())
+        opt_tensors = load_tensors((path / "optimizer.safetensors").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
+    optimizer = _join_optimizer_state(opt_tensors, state.pop("optimizer"))
+    return Checkpoint(path, model, optimizer, state)
+
+
+def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    rest: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    for idx, entry in sd["state"].items():
+        plain = {}
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain[name] = value
+        rest["state"][str(idx)] = plain
+    return tensors, rest
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in rest["state"].items()}
+    for key, value in tensors.items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""A worker's data feed: its shards' samples for each step, read chunk-aligned and prefetched.
+
+Each owned shard streams its windows (groups of chunks shuffled together) in plan order. A
+window is read once, from the store, on a background thread; while a step consumes window ``w``
+the next window is already being read, so reading and decompression stay off the critical
+path. Windows behind the stream position are dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from pipeline.plan import SamplingPlan
+from pipeline.store import ChunkReader
+
+WindowKey = tuple[int, int, int]  # (epoch, shard, window)
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+class ShardFeed:
+    """Serves ``(inputs, targets)`` of owned shards for any (epoch, step) of the plan."""
+
+    def __init__(self, plan: SamplingPlan, reader: ChunkReader, shards: Sequence[int], epochs: int) -> None:
+        self.plan = plan
+        self.reader = reader
+        self.shards = tuple(shards)
+        self.epochs = epochs
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dasktrain-prefetch")
+        self._windows: dict[WindowKey, Future[Batch]] = {}
+        self.wait_s = 0.0
+        """Seconds spent blocked on reads since the last :meth:`take_wait`."""
+
+    def step_batches(self, epoch: int, step: int) -> list[Batch]:
+        """Per owned shard, in shard order, the samples it contributes to ``step`` of ``epoch``."""
+        plan = self.plan.epoch(epoch)
+        return [self._take(epoch, s, *plan.shard_span(step, s)) for s in self.shards]
+
+    def take_wait(self) -> float:
+        waited, self.wait_s = self.wait_s, 0.0
+        return waited
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._windows.clear()
+
+    def _take(self, epoch: int, shard: int, start: int, stop: int) -> Batch:
+        if start == stop:  # a small shard may give nothing to a step
+            info = self.reader.info
+            return (np.empty((0, *info.inputs.sample_shape), info.inputs.dtype),
+                    np.empty((0, *info.targets.sample_shape), info.targets.dtype))
+        starts = self.plan.epoch(epoch).window_starts[shard]
+        first = int(np.searchsorted(starts, start, side="right")) - 1
+        last = int(np.searchsorted(starts, stop - 1, side="right")) - 1
+        pieces_x, pieces_y = [], []
+        for w in range(first, last + 1):
+            x, y = self._window(epoch, shard, w)
+            lo = max(start - starts[w], 0)
+            hi = min(stop - starts[w], len(x))
+            pieces_x.append(x[lo:hi])
+            pieces_y.append(y[lo:hi])
+        self._forget_before(epoch, shard, first)
+        self._prefetch_after(epoch, shard, last)
+        return np.concatenate(pieces_x), np.concatenate(pieces_y)
+
+    def _window(self, epoch: int, shard: int, w: int) -> Batch:
+        key = (epoch, shard, w)
+        if key not in self._windows:
+            self._windows[key] = self._pool.submit(self._read_window, key)
+        fut = self._windows[key]
+        if not fut.done():
+            t0 = time.perf_counter()
+            result = fut.result()
+            self.wait_s += time.perf_counter() - t0
+            return result
+        return fut.result()
+
+    def _read_window(self, key: WindowKey) -> Batch:
+        epoch, shard, w = key
+        window = self.plan.epoch(epoch).windows[shard][w]
+        parts = [self.reader.read(c) for c in window.chunks]
+        x = np.concatenate([p[0] for p in parts])[window.order]
+        y = np.concatenate([p[1] for p in parts])[window.order]
+        return x, y
+
+    def _prefetch_after(self, epoch: int, shard: int, w: int) -> None:
+        if w + 1 < len(self.plan.epoch(epoch).windows[shard]):
+            nxt = (epoch, shard, w + 1)
+        elif epoch + 1 < self.epochs:
+            nxt = (epoch + 1, shard, 0)
+        else:
+            return
+        if nxt not in self._windows:
+            self._windows[nxt] = self._pool.submit(self._read_window, nxt)
+
+    def _forget_before(self, epoch: int, shard: int, w: int) -> None:
+        for key in [k for k in self._windows if k[1] == shard and (k[0], k[2]) < (epoch, w)]:
+            del self._windows[key]

@@ -1,0 +1,91 @@
+"""Built-in models and the one way every process builds a model from its config.
+
+Both built-ins are ``nn.Sequential`` without batch statistics, so a data-parallel replica
+computes exactly what a single process computes on the same batch, and the pipeline-parallel
+path can cut them into stages.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+def mlp(
+    in_features: int,
+    out_features: int,
+    hidden: Sequence[int] = (128,),
+    activation: str = "relu",
+    dropout: float = 0.0,
+) -> nn.Sequential:
+    """Multi-layer perceptron; inputs of any per-sample shape are flattened first."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = size
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
+
+
+def cnn(
+    in_channels: int = 3,
+    num_classes: int = 10,
+    image_size: int = 32,
+    channels: Sequence[int] = (64, 64, 128, 128),
+    hidden: int = 256,
+) -> nn.Sequential:
+    """Small VGG-style CNN: 3x3 conv layers, a 2x2 max-pool after every second, two linear layers."""
+    layers: list[nn.Module] = []
+    width, size = in_channels, image_size
+    for i, ch in enumerate(channels):
+        layers += [nn.Conv2d(width, ch, kernel_size=3, padding=1), nn.ReLU()]
+        if i % 2 == 1:
+            layers.append(nn.MaxPool2d(2))
+            size //= 2
+        width = ch
+    layers += [nn.Flatten(), nn.Linear(width * size * size, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def resolve_factory(path: str) -> Callable[..., nn.Module]:
+    """Import ``module:callable``; errors name the path."""
+    module_name, _, attr = path.partition(":")
+    try:
+        target: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"model.factory {path!r}: cannot import module {module_name!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ConfigError(f"model.factory {path!r}: module {module_name!r} has no {attr!r}") from None
+    if not callable(target):
+        raise ConfigError(f"model.factory {path!r} is not callable")
+    return target  # type: ignore[return-value]
+
+
+def build_model(config: ModelConfig, seed: int) -> nn.Module:
+    """Build the model with its initial weights drawn from ``seed``: identical in every process."""
+    factory = resolve_factory(config.factory)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            model = factory(**config.kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"model.kwargs do not fit {config.factory}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory {config.factory} returned {type(model).__name__}, not a torch nn.Module")
+    return model

@@ -1,0 +1,253 @@
+"""The worker-resident model replica and the Dask tasks that drive it.
+
+Each worker holds one :class:`Replica` per run in ``_REPLICAS``, the project's only global
+mutable state: model, optimizer, and the feed of the worker's shards. The driver talks to it only
+through the module-level task functions below, each pinned to the replica's worker.
+
+One step task (global step ``t``) does, in this order:
+
+1. apply the reduced gradient of step ``t-1`` (divide by the global sample count, optimizer
+   step): every replica makes the same update, so all replicas stay identical;
+2. optionally validate and (on the writer) checkpoint: the weights now are those after ``t``
+   updates, exactly what a resume from step ``t`` starts with;
+3. compute step ``t``: forward/backward over the worker's shards' micro-batches, and return one
+   flat gradient buffer per node of the worker's cover, plus loss and sample sums.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.config import RunConfig
+from pipeline.errors import DasktrainError, NonFiniteLossError
+from pipeline.feed import ShardFeed
+from pipeline.models import build_model
+from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
+from pipeline.plan import SamplingPlan
+from pipeline.reduce import NodeId, Partial, ReductionTree, StepStats
+from pipeline.store import Chunk, ChunkReader, DatasetInfo
+
+log = logging.getLogger(__name__)
+
+_REPLICAS: dict[str, Replica] = {}
+"""Replicas living in this worker process, by run id."""
+
+VAL_CACHE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """What a worker needs to build its replica; sent once per run."""
+
+    run_id: str
+    config: RunConfig
+    dataset: DatasetInfo
+    train_chunks: tuple[Chunk, ...]
+    shards: tuple[int, ...]
+    """The contiguous block of logical shards this worker streams."""
+    cover: tuple[NodeId, ...]
+    """Reduction-tree nodes this worker's partial holds."""
+    tree_leaves: int
+    fan_in: int
+    val_dataset: DatasetInfo | None
+    val_chunks: tuple[Chunk, ...]
+    """This worker's share of the validation chunks."""
+    run_dir: str
+    resume_from: str | None
+    """Checkpoint directory to load, or None to start from the seeded initial weights."""
+
+
+@dataclass(frozen=True)
+class StepActions:
+    """What one step task does besides applying the previous update."""
+
+    compute: bool = True
+    validate: bool = False
+    checkpoint: dict[str, Any] | None = None
+    """Metadata for the checkpoint to write after the update (writer only), or None."""
+
+
+class Replica:
+    """Model, optimizer and data feed of one run on one worker."""
+
+    def __init__(self, spec: ReplicaSpec, threads: int) -> None:
+        self.spec = spec
+        cfg = spec.config
+        torch.set_num_threads(threads)
+        self.model = build_model(cfg.model, cfg.train.seed)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self.optimizer = build_optimizer(cfg.optimizer, self.params)
+        if spec.resume_from:
+            ckpt = load_checkpoint(Path(spec.resume_from))
+            self.model.load_state_dict(ckpt.model)
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        self.plan = SamplingPlan(spec.train_chunks, cfg.train.shards, cfg.train.batch_size,
+                                 cfg.train.seed, cfg.data.shuffle_window)
+        self.tree = ReductionTree(spec.tree_leaves, spec.fan_in)
+        self.feed = ShardFeed(self.plan, ChunkReader(spec.dataset), spec.shards, cfg.train.epochs)
+        self._val_reader = ChunkReader(spec.val_dataset) if spec.val_dataset and spec.val_chunks else None
+        self._val_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+
+    # -- the step -------------------------------------------------------------------------
+
+    def step(self, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+        if previous is not None:
+            self._apply(t - 1, previous)
+        stats = StepStats()
+        if actions.validate:
+            self._validate(stats)
+        if actions.checkpoint is not None:
+            self._checkpoint(t, actions.checkpoint)
+        grads: dict[NodeId, torch.Tensor] = {}
+        if actions.compute:
+            grads = self._compute(t, stats)
+        return Partial(grads, stats)
+
+    def _apply(self, t: int, reduced: Partial) -> None:
+        """Optimizer step with the global mean gradient of step ``t``."""
+        assert reduced.stats is not None
+        count = reduced.stats.count
+        flat = reduced.grads[self.tree.root] / count
+        if not bool(torch.isfinite(flat).all()):
+            epoch, k = self.plan.locate(t)
+            raise NonFiniteLossError(
+                f"the gradient of global step {t} (epoch {epoch}, step {k}) is not finite; "
+                "the update was not applied"
+            )
+        self._bind_grads(flat)
+        lr = lr_at(self.spec.config, t, self.plan.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def _compute(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
+        cfg = self.spec.config
+        epoch, k = self.plan.locate(t)
+        batches = self.feed.step_batches(epoch, k)
+        stats.data_wait_s = self.feed.take_wait()
+        t1 = time.perf_counter()
+        # Dropout masks follow the plan (seed, step), not the worker.
+        torch.manual_seed(cfg.train.seed * 1_000_003 + t)
+        self.model.train()
+        if cfg.train.deterministic:
+            # One micro-batch per shard, summed locally with the tree's own additions.
+            leaves = {s: self._grad_of([b], t, stats) for s, b in zip(self.spec.shards, batches)}
+            grads = {node: self.tree.sum_subtree(node, leaves) for node in self.spec.cover}
+        else:
+            # Fast mode: the worker's shards fused into one forward/backward.
+            (node,) = self.spec.cover
+            grads = {node: self._grad_of(batches, t, stats)}
+        stats.compute_s = time.perf_counter() - t1
+        return grads
+
+    def _grad_of(self, batches: list[tuple[np.ndarray, np.ndarray]], t: int, stats: StepStats) -> torch.Tensor:
+        """Flat sum-of-sample gradients of ``batches`` (zeros when they are empty)."""
+        flat = torch.zeros(self.numel)
+        x_np = np.concatenate([b[0] for b in batches])
+        if len(x_np) == 0:
+            return flat
+        y_np = np.concatenate([b[1] for b in batches])
+        kind = self.spec.config.loss
+        x, y = prepare_batch(kind, torch.from_numpy(x_np), torch.from_numpy(y_np))
+        self._bind_grads(flat)  # backward accumulates straight into the flat buffer
+        try:
+            out = self.model(x)
+            loss = loss_sum(kind, out, y)
+        except (RuntimeError, ValueError, IndexError) as exc:
+            epoch, k = self.plan.locate(t)
+            raise DasktrainError(
+                f"forward pass failed at global step {t} (epoch {epoch}, step {k}) on inputs of "
+                f"shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}: {exc}"
+            ) from None
+        value = float(loss.detach())
+        if not np.isfinite(value):
+            epoch, k = self.plan.locate(t)
+            raise NonFiniteLossError(
+                f"loss is {value} at global step {t} (epoch {epoch}, step {k}) on shards "
+                f"{list(self.spec.shards)}; the update was not applied"
+            )
+        loss.backward()
+        stats.loss_sum += value
+        stats.count += len(x)
+        stats.correct += correct_count(kind, out.detach(), y)
+        return flat
+
+    def _bind_grads(self, flat: torch.Tensor) -> None:
+        """Make every parameter's ``.grad`` a view into ``flat``."""
+        for p, view in zip(self.params, flat.split(self.sizes)):
+            p.grad = view.view_as(p)
+
+    # -- validation and checkpoints ---------------------------------------------------------
+
+    def _validate(self, stats: StepStats) -> None:
+        if self._val_reader is None:
+            return
+        kind = self.spec.config.loss
+        self.model.eval()
+        with torch.no_grad():
+            for x_np, y_np in self._val_batches():
+                x, y = prepare_batch(kind, torch.from_numpy(x_np), torch.from_numpy(y_np))
+                out = self.model(x)
+                stats.val_loss_sum += float(loss_sum(kind, out, y))
+                stats.val_count += len(x)
+                stats.val_correct += correct_count(kind, out, y)
+
+    def _val_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        if self._val_cache is not None:
+            return self._val_cache
+        assert self._val_reader is not None
+        batches = [self._val_reader.read(c) for c in self.spec.val_chunks]
+        if sum(x.nbytes + y.nbytes for x, y in batches) <= VAL_CACHE_BYTES:
+            self._val_cache = batches
+        return batches
+
+    def _checkpoint(self, t: int, meta: dict[str, Any]) -> None:
+        cfg = self.spec.config
+        save_checkpoint(Path(self.spec.run_dir), t, self.model.state_dict(), self.optimizer.state_dict(),
+                        meta, keep=cfg.checkpoint.keep)
+
+    def close(self) -> None:
+        self.feed.close()
+
+
+# -- Dask tasks (module-level so workers import them by reference) ---------------------------
+
+def create_replica(spec: ReplicaSpec, threads: int) -> dict[str, Any]:
+    """Build this worker's replica of a run; returns a few facts for the driver's log."""
+    if spec.run_id in _REPLICAS:
+        _REPLICAS.pop(spec.run_id).close()
+    replica = Replica(spec, threads)
+    _REPLICAS[spec.run_id] = replica
+    return {"parameters": replica.numel, "shards": list(spec.shards), "threads": torch.get_num_threads()}
+
+
+def run_step(run_id: str, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+    """One step of the replica of ``run_id`` on this worker (see the module docstring)."""
+    try:
+        replica = _REPLICAS[run_id]
+    except KeyError:
+        raise DasktrainError(f"this worker holds no replica of run {run_id} (was it restarted?)") from None
+    return replica.step(t, previous, actions)
+
+
+def replica_state(run_id: str) -> dict[str, torch.Tensor]:
+    """The replica's model weights, fetched once at the end of a run."""
+    return {k: v.detach().clone() for k, v in _REPLICAS[run_id].model.state_dict().items()}
+
+
+def drop_replica(run_id: str) -> bool:
+    """Free a run's replica (``Client.run`` on every worker, in the driver's ``finally``)."""
+    replica = _REPLICAS.pop(run_id, None)
+    if replica is not None:
+        replica.close()
+    return replica is not None

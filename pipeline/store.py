@@ -1,0 +1,131 @@
+"""The Zarr dataset: validating a store against a config, its chunk layout, and chunk reads.
+
+A dataset is a Zarr v3 group of sample-major arrays (axis 0 = sample) chunked alike along
+axis 0. Everything the sampling plan needs is the chunk layout (sample ranges of chunks); the
+data itself is only ever read on workers, one chunk range at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from pipeline.errors import DataError
+
+ATTRS_KEY = "dasktrain"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk along the sample axis: its index in the store and its sample range."""
+
+    index: int
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """What the store says about one array: per-sample shape and dtype."""
+
+    name: str
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """A validated store: where it is, its arrays, sample count and chunking."""
+
+    path: str
+    inputs: ArraySpec
+    targets: ArraySpec
+    samples: int
+    chunk_size: int
+
+    def chunks(self) -> tuple[Chunk, ...]:
+        """All chunks of the store in index order."""
+        starts = range(0, self.samples, self.chunk_size)
+        return tuple(Chunk(i, s, min(s + self.chunk_size, self.samples)) for i, s in enumerate(starts))
+
+
+def open_dataset(path: str | Path, inputs: str, targets: str) -> DatasetInfo:
+    """Open a store and check that it can feed training; errors name the store and the array."""
+    path = str(path)
+    if not Path(path).exists():
+        raise DataError(f"dataset store {path} does not exist (write one with `dasktrain ingest`)")
+    try:
+        group = zarr.open_group(path, mode="r")
+    except Exception as exc:  # zarr raises several types for a non-group path
+        raise DataError(f"{path} is not a readable Zarr group: {exc}") from None
+    specs = []
+    lengths = {}
+    chunkings = {}
+    for name in (inputs, targets):
+        if name not in group:
+            present = sorted(group.array_keys())
+            raise DataError(f"store {path} has no array '{name}' (arrays present: {present})")
+        arr = group[name]
+        if not isinstance(arr, zarr.Array):
+            raise DataError(f"'{name}' in store {path} is a group, not an array")
+        if arr.ndim < 1:
+            raise DataError(f"array '{name}' in store {path} is a scalar; needs a sample axis 0")
+        if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+            raise DataError(
+                f"array '{name}' in store {path} has dtype {arr.dtype}, needs a numeric dtype"
+            )
+        specs.append(ArraySpec(name, tuple(arr.shape[1:]), np.dtype(arr.dtype)))
+        lengths[name] = arr.shape[0]
+        chunkings[name] = arr.chunks[0]
+    if lengths[inputs] != lengths[targets]:
+        raise DataError(
+            f"arrays in store {path} differ in length: '{inputs}' has {lengths[inputs]} samples, "
+            f"'{targets}' has {lengths[targets]}"
+        )
+    if chunkings[inputs] != chunkings[targets]:
+        raise DataError(
+            f"arrays in store {path} are chunked differently along axis 0: '{inputs}' by "
+            f"{chunkings[inputs]}, '{targets}' by {chunkings[targets]}; re-ingest with one --chunk-size"
+        )
+    if lengths[inputs] == 0:
+        raise DataError(f"store {path} holds no samples")
+    return DatasetInfo(path, specs[0], specs[1], lengths[inputs], chunkings[inputs])
+
+
+class ChunkReader:
+    """Reads chunk-aligned sample ranges of the input and target arrays of one store.
+
+    Opened once per worker and reused; every read names the array and chunk on failure, so a
+    corrupt or missing chunk file stops the run with its location.
+    """
+
+    def __init__(self, info: DatasetInfo) -> None:
+        self.info = info
+        group = zarr.open_group(info.path, mode="r")
+        self._inputs = group[info.inputs.name]
+        self._targets = group[info.targets.name]
+
+    def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        return self._read(self._inputs, chunk), self._read(self._targets, chunk)
+
+    def _read(self, arr: zarr.Array, chunk: Chunk) -> np.ndarray:
+        try:
+            data = np.asarray(arr[chunk.start : chunk.stop])
+        except Exception as exc:
+            raise DataError(
+                f"cannot read chunk {chunk.index} (samples {chunk.start}-{chunk.stop}) of array "
+                f"'{arr.basename}' in store {self.info.path}: {type(exc).__name__}: {exc}"
+            ) from None
+        if data.shape[0] != chunk.size:
+            raise DataError(
+                f"chunk {chunk.index} of array '{arr.basename}' in store {self.info.path} holds "
+                f"{data.shape[0]} samples, expected {chunk.size}"
+            )
+        return data
