@@ -1,0 +1,54 @@
+"""Small builders shared by the tests: configs, stores and clusters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, LocalCluster
+from safetensors.torch import load_file
+
+from pipeline.config import RunConfig, validate_config
+from pipeline.ingest import write_store
+
+
+def run_config(store: Path | str, out: Path | str, **sections: dict[str, Any]) -> RunConfig:
+    """A small MLP config on ``store``; ``sections`` update the defaults section by section."""
+    raw: dict[str, Any] = {
+        "data": {"store": str(store)},
+        "model": {"factory": "pipeline.models:mlp",
+                  "kwargs": {"in_features": 64, "out_features": 10, "hidden": [32]}},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "train": {"epochs": 2, "batch_size": 50, "shards": 6, "seed": 3},
+        "cluster": {"workers": 2, "dashboard": False},
+        "checkpoint": {"every_steps": 0, "keep": 3},
+        "output_dir": str(out),
+    }
+    for name, update in sections.items():
+        raw[name] = {**raw.get(name, {}), **update} if isinstance(update, dict) else update
+    return validate_config(raw)
+
+
+def synthetic_store(path: Path, samples: int, features: int, classes: int, chunk: int, seed: int = 0) -> Path:
+    """A classification store of Gaussian blobs: learnable, and any size."""
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, classes, size=samples)
+    centers = rng.normal(size=(classes, features)).astype(np.float32)
+    inputs = centers[targets] + rng.normal(scale=0.5, size=(samples, features)).astype(np.float32)
+    return write_store(path, {"inputs": inputs.astype(np.float32), "targets": targets.astype(np.int64)}, chunk_size=chunk)
+
+
+@contextmanager
+def local_client(workers: int, threads: int = 1) -> Iterator[Client]:
+    """A real LocalCluster of worker processes (dashboard off) and its client."""
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True,
+                      dashboard_address=None, memory_limit="2GiB") as cluster, Client(cluster) as client:
+        client.wait_for_workers(workers, timeout=60)
+        yield client
+
+
+def saved_weights(run_dir: Path | str) -> dict[str, Any]:
+    return load_file(str(Path(run_dir) / "model.safetensors"))
