@@ -126,6 +126,23 @@ class ClusterConfig(_Frozen):
     """Serve the Dask dashboard on a free port (needs ``bokeh``)."""
 
 
+class ParallelConfig(_Frozen):
+    """Model (pipeline) parallelism: the model cut into stages, each a Dask actor on its own worker."""
+
+    pipeline: int = Field(default=1, ge=1)
+    """Pipeline stages P (1: pure data parallelism)."""
+    micro_batches: int = Field(default=1, ge=1)
+    """Micro-batches m each global batch is split into for the pipeline schedule."""
+    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    """GPipe (all forwards, then all backwards) or 1F1B (at most P activations alive per stage)."""
+    data: int = Field(default=1, ge=1)
+    """Pipeline replicas R (DP x PP): R x P workers; each stage's gradients are tree-reduced across replicas."""
+    balance: Literal["params", "time"] = "params"
+    """Cut the model into stages of about equal parameter count, or equal measured forward/backward time."""
+    cuts: tuple[int, ...] | None = None
+    """Explicit cut points (layer indices where stages 2..P begin); overrides ``balance``."""
+
+
 class CheckpointConfig(_Frozen):
     """When checkpoints are written, and how many are kept."""
 
@@ -146,6 +163,7 @@ class RunConfig(_Frozen):
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     cluster: ClusterConfig = ClusterConfig()
+    parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     output_dir: str = "runs/default"
     """Run directory: model, metrics, checkpoints, resolved config."""

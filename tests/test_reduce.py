@@ -32,9 +32,9 @@ def test_blocked_sums_are_bitwise_equal_to_the_whole_tree(leaves, fan_in):
             for node in tree.cover(int(b[0]), int(b[-1]) + 1):
                 held[node] = tree.sum_subtree(node, values)
 
-        def value(node):
+        def value(node, held=held):
             if node in held:
                 return held[node]
-            return sum_in_order([value(c) for c in tree.children(node)])
+            return sum_in_order([value(c, held) for c in tree.children(node)])
 
         assert torch.equal(value(tree.root), whole)
