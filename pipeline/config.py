@@ -9,12 +9,13 @@ the current working directory, as the CLI is run from the project root.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -109,21 +110,189 @@ class TrainConfig(_Frozen):
     """Inputs per reduction task; none picks one from the number of leaves."""
     ahead: int = Field(default=2, ge=1)
     """Steps the driver keeps submitted beyond the one it waits on."""
+    on_nan: Literal["stop", "skip_step"] = "stop"
+    """What a NaN/Inf loss or gradient does: stop the run (naming the step), or skip that update and count it."""
+    min_workers: int = Field(default=1, ge=1)
+    """If the cluster shrinks below this, checkpoint and stop with an error."""
+    worker_grace_s: float = Field(default=30.0, ge=0)
+    """Seconds to wait for replacement workers (e.g. restarted by their nanny) before ``min_workers`` stops the run."""
+    step_timeout: float | None = Field(default=None, gt=0)
+    """Seconds a step may take before the workers that have not answered are treated as lost."""
+    ledger: bool = False
+    """Record which samples every applied step used (``ledger/`` in the run directory), to audit exactly-once use."""
+
+
+ClusterKind = Literal["local", "local-cuda", "slurm", "pbs", "sge", "lsf", "address"]
+CLUSTER_KINDS: tuple[str, ...] = ("local", "local-cuda", "slurm", "pbs", "sge", "lsf", "address")
+JOBQUEUE_KINDS: tuple[str, ...] = ("slurm", "pbs", "sge", "lsf")
+"""Kinds whose workers are batch jobs submitted by dask-jobqueue."""
+
+
+class TLSFiles(_Frozen):
+    """PEM files for ``security: tls``. Scheduler, workers and client all use them, so for jobqueue
+    kinds they must sit on a filesystem that the compute nodes share."""
+
+    ca_file: str
+    """Certificate authority: every peer must present a certificate signed by it."""
+    cert: str
+    """Certificate presented by the scheduler, the workers and the client."""
+    key: str | None = None
+    """Private key of ``cert``; none when ``cert`` holds the key too."""
 
 
 class ClusterConfig(_Frozen):
-    """The Dask cluster to train on."""
+    """The Dask cluster to train on: a spec given inline, or read from a YAML file (``spec``).
 
-    kind: Literal["local"] = "local"
-    """``local``: a ``distributed.LocalCluster`` of worker processes on this machine."""
-    workers: int = Field(default=2, ge=1)
-    """Worker processes; each holds one model replica."""
+    The YAML files in ``cluster/`` document every kind with its defaults. In a run config,
+    ``cluster: {spec: slurm, workers: 8}`` takes the shipped SLURM spec and overrides one key;
+    ``--set cluster.workers=8`` does the same from the command line. ``cluster: local-cuda``
+    (a kind) or ``cluster: my-spec.yaml`` (a file) are shorthands.
+    """
+
+    spec: str | None = None
+    """YAML spec file whose keys are the defaults of the keys given beside it (those win; ``jobqueue``
+    and ``tls`` are merged key by key). A path relative to the current directory, or a bare name
+    (``slurm``) for a spec shipped in ``cluster/``. Errors in its keys name the file."""
+    kind: ClusterKind = "local"
+    """``local``: LocalCluster of worker processes; ``local-cuda``: dask-cuda's LocalCUDACluster, one
+    worker per GPU; ``slurm``, ``pbs``, ``sge``, ``lsf``: dask-jobqueue batch jobs; ``address``: a
+    running scheduler (not closed by dasktrain)."""
+    workers: int | None = Field(default=None, ge=1)
+    """Dask workers, each holding one model replica. None: 2 (``local``), every visible GPU
+    (``local-cuda``), 1 (jobqueue kinds); for ``address``, the workers to wait for (None: 1)."""
     threads_per_worker: int = Field(default=1, ge=1)
-    """Threads per worker; torch uses as many for its kernels."""
+    """Threads per worker (local kinds; jobqueue workers get ``jobqueue.cores / jobqueue.processes``)."""
     memory_limit: str = "auto"
-    """Memory limit per worker (Dask syntax, e.g. ``4GiB``)."""
+    """Memory limit per worker, Dask syntax such as ``4GiB`` (local kinds; jobqueue kinds: ``jobqueue.memory``)."""
+    devices: tuple[int, ...] | None = None
+    """GPU indices to use (``local-cuda``); none: every visible GPU."""
     dashboard: bool = True
-    """Serve the Dask dashboard on a free port (needs ``bokeh``)."""
+    """Serve the Dask dashboard on a free port (needs ``bokeh``); not for ``address``."""
+    wait_timeout: float = Field(default=120.0, gt=0)
+    """Seconds to wait for the workers to arrive before failing (jobqueue: includes queueing time)."""
+    address: str | None = Field(default=None, validate_default=True)
+    """Scheduler address such as ``tcp://10.0.0.5:8786`` or ``tls://...`` (``address`` only)."""
+    jobqueue: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments of the dask-jobqueue class, passed through as they are: ``cores``, ``memory``,
+    ``processes``, ``queue``, ``account``, ``walltime``, ``interface``, ``job_extra_directives``,
+    ``log_directory``, ... (jobqueue kinds; the class rejects unknown ones, with the spec named)."""
+    gpus_per_worker: int = Field(default=0, ge=0, validate_default=True)
+    """GPUs each jobqueue worker needs; the job requests them (SLURM ``--gres=gpu:N``, PBS ``ngpus=N``,
+    LSF ``-gpu num=N``) so it lands on a GPU node and the replica finds its device. Needs
+    ``jobqueue.processes: 1``; SGE has no standard GPU request: use ``job_extra_directives``."""
+    security: Literal["none", "tls"] = "none"
+    """``tls``: scheduler, workers and client talk over TLS and refuse peers without a certificate
+    from the run's authority. Local kinds generate certificates for the run unless ``tls`` names files."""
+    tls: TLSFiles | None = Field(default=None, validate_default=True)
+    """Certificate files for ``security: tls``; required for jobqueue kinds and ``address``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_spec(cls, data: Any) -> Any:
+        if isinstance(data, str):
+            data = {"kind": data} if data in CLUSTER_KINDS else {"spec": data}
+        if not isinstance(data, dict) or data.get("spec") is None:
+            return data
+        if not isinstance(data["spec"], str):
+            raise ConfigError(f"cluster.spec must be a file path or a shipped spec name, got {data['spec']!r}")
+        path = _spec_path(data["spec"])
+        from_file = _read_spec_file(path)
+        inline = {k: v for k, v in data.items() if k != "spec"}
+        merged: dict[str, Any] = dict(from_file)
+        for key, value in inline.items():
+            both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
+            merged[key] = {**merged[key], **value} if both_maps else value
+        # Validate once here, to name the spec file in errors about the keys that came from it;
+        # errors in the keys given inline are left to the run config's own validation.
+        try:
+            cls.model_validate(merged)
+        except ValidationError as exc:
+            problems = [_describe(err) for err in exc.errors()
+                        if not err["loc"] or str(err["loc"][0]) not in inline]
+            if problems:
+                raise ConfigError(f"cluster spec {path}: " + "; ".join(problems)) from None
+        return {**merged, "spec": str(path)}
+
+    @field_validator("address")
+    @classmethod
+    def _address_for_kind(cls, value: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        if kind == "address" and not value:
+            raise ValueError("kind 'address' needs cluster.address, the scheduler's address (e.g. tcp://host:8786)")
+        if value and kind != "address":
+            raise ValueError(f"cluster.address is only for kind 'address', not {kind!r}")
+        return value
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _one_process_per_gpu_job(cls, value: int, info: ValidationInfo) -> int:
+        processes = (info.data.get("jobqueue") or {}).get("processes", 1)
+        if value and info.data.get("kind") in JOBQUEUE_KINDS and processes != 1:
+            raise ValueError(f"gpus_per_worker={value} needs jobqueue.processes: 1 (found {processes}): "
+                             "each worker trains on its own GPU, and the job's GPUs are not split between processes")
+        return value
+
+    @field_validator("tls")
+    @classmethod
+    def _tls_files_when_needed(cls, value: TLSFiles | None, info: ValidationInfo) -> TLSFiles | None:
+        kind, security = info.data.get("kind"), info.data.get("security")
+        if security == "tls" and value is None and kind not in ("local", "local-cuda"):
+            raise ValueError(f"security 'tls' with kind {kind!r} needs cluster.tls.ca_file and cluster.tls.cert "
+                             "(certificates are generated only for local kinds)")
+        if value is not None and security != "tls":
+            raise ValueError("cluster.tls names certificate files but cluster.security is not 'tls'")
+        return value
+
+    @property
+    def source(self) -> str:
+        """Where this spec came from, for error messages: its file, or the run config."""
+        return f"cluster spec {self.spec}" if self.spec else "the run config's cluster section"
+
+
+def _spec_path(name: str) -> Path:
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = _shipped_specs()
+    if path.suffix == "" and len(path.parts) == 1 and name in shipped:
+        return shipped[name]
+    raise ConfigError(f"cluster.spec: {name} is not a file, nor a shipped spec ({', '.join(sorted(shipped))})")
+
+
+def _shipped_specs() -> dict[str, Path]:
+    """The YAML specs in the ``cluster`` package, found without importing it (it imports us)."""
+    found = importlib.util.find_spec("cluster")
+    if found is None or not found.submodule_search_locations:
+        return {}
+    folder = Path(next(iter(found.submodule_search_locations)))
+    return {p.stem: p.resolve() for p in folder.glob("*.yaml")}
+
+
+def _read_spec_file(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cluster spec {path} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cluster spec {path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"cluster spec {path}: the top level must be a mapping of keys, found {type(raw).__name__}")
+    if "spec" in raw:
+        raise ConfigError(f"cluster spec {path}: 'spec' cannot name another spec file (specs do not nest)")
+    return raw
+
+
+def _describe(err: Any) -> str:
+    """One pydantic error of a cluster spec, in the words of :func:`validate_config`."""
+    key = ".".join(["cluster", *(str(p) for p in err["loc"])])
+    if err["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if err["type"] == "literal_error" and err["loc"] == ("kind",):
+        return f"unknown kind {err.get('input')!r} in '{key}' (kinds: {', '.join(CLUSTER_KINDS)})"
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return f"'{key}': {message} (got {err.get('input')!r})"
 
 
 class ParallelConfig(_Frozen):
@@ -170,7 +339,10 @@ class RunConfig(_Frozen):
 
     def digest(self) -> str:
         """Short hash of the settings that decide the training trajectory (not of where it runs)."""
-        relevant = self.model_dump(mode="json", exclude={"cluster", "output_dir", "checkpoint"})
+        relevant = self.model_dump(mode="json", exclude={
+            "cluster": True, "output_dir": True, "checkpoint": True,
+            "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger"},
+        })
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

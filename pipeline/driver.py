@@ -21,15 +21,25 @@ from typing import Any
 import numpy as np
 from distributed import Client, Future
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_model
+from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_model
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ClusterError, DasktrainError
 from pipeline.metrics import MetricsLog
 from pipeline.objective import lr_at
 from pipeline.plan import SamplingPlan
 from pipeline.preflight import DataSplits, build_plan, check_model_fits, resolve_splits
-from pipeline.reduce import ReductionTree, default_fan_in, submit_tree, summarize
-from pipeline.replica import ReplicaSpec, StepActions, create_replica, drop_replica, replica_state, run_step
+from pipeline.reduce import NodeId, ReductionTree, default_fan_in, submit_tree, summarize
+from pipeline.replica import (
+    ReplicaSpec,
+    StepActions,
+    create_replica,
+    drop_replica,
+    export_replica_state,
+    replica_applied,
+    replica_state,
+    run_step,
+    save_replica_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +127,57 @@ def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
     return int(state["step"])
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Which worker streams which shards, and the reduction tree over their partials."""
+
+    workers: tuple[str, ...]
+    blocks: tuple[tuple[int, ...], ...]
+    tree: ReductionTree
+    covers: tuple[tuple[NodeId, ...], ...]
+
+    @classmethod
+    def for_workers(cls, workers: list[str], config: RunConfig) -> Layout:
+        shards = config.train.shards
+        blocks = tuple(tuple(int(s) for s in b) for b in np.array_split(np.arange(shards), len(workers)))
+        leaves = shards if config.train.deterministic else len(workers)
+        tree = ReductionTree(leaves, config.train.fan_in or default_fan_in(leaves))
+        if config.train.deterministic:
+            covers = tuple(tuple(tree.cover(b[0], b[-1] + 1)) for b in blocks)
+        else:
+            covers = tuple(((0, w),) for w in range(len(workers)))
+        return cls(tuple(workers), blocks, tree, covers)
+
+
+@dataclass
+class _InFlight:
+    step: int
+    root: Future
+    stats: Future
+    tasks: list[Future]
+    apply_only: bool = False
+
+
+class _WorkersChanged(Exception):
+    """Raised inside the loop when workers were lost, joined, or timed out."""
+
+    def __init__(self, reason: str, exclude: tuple[str, ...] = ()) -> None:
+        super().__init__(reason)
+        self.exclude = exclude
+
+
 class _Session:
-    """One run of the training loop on a connected client."""
+    """One run of the training loop on a connected client.
+
+    When the worker set changes (a worker lost, a straggler past ``step_timeout``, a worker
+    joining), the session *regroups*: it cancels the steps in flight, copies the state of the
+    most advanced surviving replica worker to worker onto every worker of the new set, deals
+    the shards anew, and goes on from the first step whose update no survivor has applied.
+    The plan does not change, so neither does the sequence of global batches.
+    """
+
+    MEMBERSHIP_POLL_S = 0.5
+    LINEAGE_STEPS = 64
 
     def __init__(self, config: RunConfig, client: Client, splits: DataSplits, plan: SamplingPlan,
                  run_dir: Path, start_step: int, end_step: int, emit: Callable[[Event], None]) -> None:
@@ -131,32 +190,40 @@ class _Session:
         self.end_step = end_step
         self.emit = emit
         self.run_id = uuid.uuid4().hex[:10]
-        self.workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        self.excluded: set[str] = set()
+        self.generation = 0
+        workers = self._alive()
+        if not workers:
+            raise ClusterError("the cluster has no workers")
         shards = config.train.shards
-        if len(self.workers) > shards:
+        if len(workers) > shards:
             raise ClusterError(
-                f"found {len(self.workers)} workers, needs at most train.shards={shards} "
+                f"found {len(workers)} workers, needs at most train.shards={shards} "
                 "(each worker streams at least one shard); raise train.shards or use fewer workers"
             )
-        if not self.workers:
-            raise ClusterError("the cluster has no workers")
-        blocks = np.array_split(np.arange(shards), len(self.workers))
-        self.blocks = [tuple(int(s) for s in b) for b in blocks]
-        leaves = shards if config.train.deterministic else len(self.workers)
-        self.tree = ReductionTree(leaves, config.train.fan_in or default_fan_in(leaves))
-        if config.train.deterministic:
-            self.covers = [self.tree.cover(b[0], b[-1] + 1) for b in self.blocks]
-        else:
-            self.covers = [[(0, w)] for w in range(len(self.workers))]
+        self.layout = Layout.for_workers(workers, config)
+        self.recorded = start_step  # steps below this have their metrics written
+        self.epochs: list[dict[str, Any]] = []
+        self.epoch_acc = _EpochAccumulator()
+        self.last_record_time = time.perf_counter()
+        self.epoch_closed = -1  # the epoch boundary whose record is written
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        return self.layout.workers
+
+    def _alive(self) -> list[str]:
+        """Workers the scheduler knows now (asked, not cached), minus those this run excluded."""
+        return sorted(set(self.client.nthreads()) - self.excluded)
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> RunResult:
         metrics = MetricsLog(self.run_dir, resume_step=self.start_step if self.start_step else None)
         try:
-            self._create_replicas()
+            self._create_replicas(state=None, applied=self.start_step)
             self.emit({"kind": "start", "start_step": self.start_step, "end_step": self.end_step,
-                       "steps_per_epoch": self.plan.steps_per_epoch, "workers": self.workers,
+                       "steps_per_epoch": self.plan.steps_per_epoch, "workers": list(self.workers),
                        "dashboard": _dashboard_link(self.client), "run_dir": str(self.run_dir)})
             epochs = self._loop(metrics)
             completed = self.end_step == self.config.train.epochs * self.plan.steps_per_epoch
@@ -174,64 +241,144 @@ class _Session:
             self._drop_replicas()
 
     def _loop(self, metrics: MetricsLog) -> list[dict[str, Any]]:
-        spe = self.plan.steps_per_epoch
-        ahead = self.config.train.ahead
-        pending: deque[tuple[int, Future, Future]] = deque()  # (step, root, metrics)
-        previous: Future | None = None
-        epochs: list[dict[str, Any]] = []
-        epoch_acc = _EpochAccumulator()
-        submitted = self.start_step
-        last_time = time.perf_counter()
-        try:
-            while True:
-                # Keep `ahead` steps beyond the one we wait on in flight, so workers never idle
-                # on the driver; the last "step" (end_step) only applies, validates, checkpoints.
-                while submitted <= self.end_step and len(pending) <= ahead:
-                    root = self._submit_step(submitted, previous)
-                    pending.append((submitted, root, self.client.submit(
-                        summarize, root, key=f"{self.run_id}-stats-{submitted}")))
-                    previous = root
-                    submitted += 1
-                if not pending:
-                    break
-                t, _, stats_future = pending.popleft()
-                stats = stats_future.result()
-                now = time.perf_counter()
-                step_time, last_time = now - last_time, now
-                if t % spe == 0 and t > self.start_step:
-                    record = epoch_acc.close(t // spe - 1, t, stats, self.config.loss)
-                    epochs.append(record)
-                    metrics.write(record)
-                    self.emit(record)
-                if t < self.end_step:
-                    record = self._step_record(t, stats, step_time)
-                    epoch_acc.add(stats)
-                    metrics.write(record)
-                    self.emit(record)
-        except DasktrainError as exc:
-            for _, root, stats_future in pending:
-                root.cancel()
-                stats_future.cancel()
-            raise type(exc)(f"{exc}; {self._last_good()}") from None
-        return epochs
+        self.metrics = metrics
+        t = self.start_step
+        regroups = 0
+        while True:
+            pending: deque[_InFlight] = deque()
+            try:
+                self._run_steps(t, pending)
+                return self.epochs
+            except _WorkersChanged as change:
+                regroups += 1
+                if regroups > 50:
+                    raise ClusterError(f"the worker set kept changing ({regroups} regroups); last: {change}") from None
+                self._cancel(pending)
+                self.excluded.update(change.exclude)
+                t = self._regroup(str(change))
+            except DasktrainError as exc:
+                self._cancel(pending)
+                raise type(exc)(f"{exc}; {self._last_good()}") from None
 
-    def _submit_step(self, t: int, previous: Future | None) -> Future:
-        """Submit step ``t`` on every worker and the reduction above; returns the root's future."""
+    def _run_steps(self, t: int, pending: deque[_InFlight]) -> None:
+        """Run from step ``t`` (no update pending) to the end; raises _WorkersChanged on a change."""
+        previous: Future | None = None
+        submitted = t
+        barrier = False  # an apply-only step is in flight: submit nothing until it is done
+        last_poll = time.monotonic()
+        while True:
+            # Keep `ahead` steps beyond the one we wait on in flight, so workers never idle
+            # on the driver; the last "step" (end_step) only applies, validates, checkpoints.
+            while not barrier and submitted <= self.end_step and len(pending) <= self.config.train.ahead:
+                if previous is not None and submitted < self.end_step and submitted % self.LINEAGE_STEPS == 0:
+                    # Each step's tasks depend on the previous root, so Dask keeps the whole
+                    # chain of finished tasks to be able to recompute it. Every LINEAGE_STEPS
+                    # the chain is cut: apply the pending update on its own, wait for it, and
+                    # start the next step with no dependency. It costs one pipeline bubble.
+                    pending.append(self._submit_step(submitted, previous, compute=False))
+                    previous, barrier = None, True
+                    break
+                entry = self._submit_step(submitted, previous, after_barrier=previous is None and submitted > t)
+                pending.append(entry)
+                previous = entry.root
+                submitted += 1
+            if not pending:
+                if barrier:
+                    barrier = False
+                    continue
+                return
+            entry = pending[0]
+            stats = self._wait(entry)
+            pending.popleft()
+            self._record(entry.step, stats, apply_only=entry.apply_only)
+            if time.monotonic() - last_poll > 1.0:  # workers that joined take shards over now
+                last_poll = time.monotonic()
+                joined = set(self._alive()) - set(self.workers)
+                if joined and len(self.workers) < self.config.train.shards:
+                    raise _WorkersChanged(f"workers joined: {sorted(joined)}")
+
+    def _record(self, t: int, stats: dict[str, Any], apply_only: bool = False) -> None:
+        """Write the metrics of step ``t`` (and of the epoch it closes), once per step."""
+        if t < self.recorded:
+            return  # a step recomputed after a regroup: its metrics are already written
+        if apply_only:  # the update before step t, and the epoch it closes; step t comes next
+            if t % self.plan.steps_per_epoch == 0 and t > self.start_step and t == self.recorded:
+                record = self.epoch_acc.close(t // self.plan.steps_per_epoch - 1, t, stats, self.config.loss)
+                self.epochs.append(record)
+                self.metrics.write(record)
+                self.emit(record)
+                self.epoch_closed = t
+            return
+        self.recorded = t + 1
+        now = time.perf_counter()
+        step_time, self.last_record_time = now - self.last_record_time, now
         spe = self.plan.steps_per_epoch
-        boundary = t > self.start_step and (t % spe == 0 or t == self.end_step)
+        if t % spe == 0 and t > self.start_step and self.epoch_closed != t:
+            record = self.epoch_acc.close(t // spe - 1, t, stats, self.config.loss)
+            self.epochs.append(record)
+            self.metrics.write(record)
+            self.emit(record)
+        if t < self.end_step:
+            record = self._step_record(t, stats, step_time)
+            self.epoch_acc.add(stats)
+            self.metrics.write(record)
+            self.emit(record)
+
+    def _wait(self, entry: _InFlight) -> dict[str, Any]:
+        """The stats of a step, watching for lost workers and stragglers while waiting."""
+        timeout = self.config.train.step_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        while True:
+            try:
+                return entry.stats.result(timeout=self.MEMBERSHIP_POLL_S)
+            except TimeoutError:
+                pass
+            except Exception as exc:
+                # With a worker gone, Dask may re-run old steps to rebuild lost results, and the
+                # replicas refuse them: an error then means "regroup", not "stop". A genuine
+                # error (bad data, NaN) comes back after the regroup and stops the run then.
+                if set(self.workers) <= set(self._alive()):
+                    raise
+                raise _WorkersChanged(f"step {entry.step} failed as workers left: {exc}") from None
+            alive = set(self._alive())
+            lost = [w for w in self.workers if w not in alive]
+            if lost:
+                raise _WorkersChanged(f"lost workers {lost} during step {entry.step}")
+            if deadline is not None and time.monotonic() > deadline:
+                stragglers = tuple(w for w, f in zip(self.workers, entry.tasks) if not f.done())
+                raise _WorkersChanged(
+                    f"step {entry.step} passed train.step_timeout={timeout}s; not answering: {list(stragglers)}",
+                    exclude=stragglers,
+                )
+
+    def _submit_step(self, t: int, previous: Future | None, compute: bool = True,
+                     after_barrier: bool = False) -> _InFlight:
+        """Submit step ``t`` on every worker and the reduction above it.
+
+        ``compute=False`` only applies ``previous`` (and validates/checkpoints at boundaries);
+        ``after_barrier`` marks the compute that follows such an apply-only step.
+        """
+        spe = self.plan.steps_per_epoch
+        boundary = not after_barrier and t > self.start_step and (t % spe == 0 or t == self.end_step)
         every = self.config.checkpoint.every_steps
-        checkpoint = t > self.start_step and (boundary or (every > 0 and t % every == 0))
-        futures = []
+        checkpoint = boundary or (not after_barrier and t > self.start_step and every > 0 and t % every == 0)
+        compute = compute and t < self.end_step
+        tasks = []
         for w, addr in enumerate(self.workers):
             # Worker 0 writes the checkpoints: every replica holds the same state after an update.
-            actions = StepActions(compute=t < self.end_step, validate=boundary,
+            actions = StepActions(compute=compute, validate=boundary,
                                   checkpoint=self._checkpoint_meta(t) if checkpoint and w == 0 else None)
-            futures.append(self.client.submit(
+            tasks.append(self.client.submit(
                 run_step, self.run_id, t, previous, actions, workers=[addr], allow_other_workers=False,
-                key=f"{self.run_id}-step-{t}-w{w}"))
-        if len(futures) == 1 and self.tree.root in self.covers[0]:
-            return futures[0]
-        return submit_tree(self.client, self.tree, futures, self.covers, key=f"{self.run_id}-{t}")
+                key=f"{self.run_id}-g{self.generation}-step-{t}{'' if compute else 'a'}-w{w}"))
+        layout = self.layout
+        if len(tasks) == 1 and layout.tree.root in layout.covers[0]:
+            root = tasks[0]
+        else:
+            root = submit_tree(self.client, layout.tree, tasks, [list(c) for c in layout.covers],
+                               key=f"{self.run_id}-g{self.generation}-{t}{'' if compute else 'a'}")
+        stats = self.client.submit(summarize, root, key=f"{self.run_id}-g{self.generation}-stats-{t}{'' if compute else 'a'}")
+        return _InFlight(t, root, stats, tasks, apply_only=not compute and t < self.end_step)
 
     def _checkpoint_meta(self, t: int) -> dict[str, Any]:
         epoch, k = self.plan.locate(t)
@@ -241,41 +388,121 @@ class _Session:
     def _step_record(self, t: int, stats: dict[str, Any], step_time: float) -> dict[str, Any]:
         epoch, k = self.plan.locate(t)
         count = stats["count"]
-        return {
+        record = {
             "kind": "step", "global_step": t, "epoch": epoch, "step": k, "samples": count,
             "loss": stats["loss_sum"] / count if count else float("nan"),
             "lr": lr_at(self.config, t, self.plan.steps_per_epoch),
             "step_time_s": step_time, "samples_per_s": count / step_time if step_time > 0 else 0.0,
             "data_wait_s": stats["data_wait_s"], "compute_s": stats["compute_s"],
+            "generation": self.generation, "workers": len(self.workers),
         }
+        if stats["nonfinite"]:
+            record["skipped"] = True
+            log.warning("step %d had a non-finite loss on %d shard(s): update skipped", t, stats["nonfinite"])
+        return record
 
-    # -- replicas -----------------------------------------------------------------------------
+    # -- replicas and regrouping ----------------------------------------------------------------
 
-    def _create_replicas(self) -> None:
-        ckpt = latest_checkpoint(self.run_dir) if self.start_step else None
+    def _create_replicas(self, state: Future | None, applied: int, checkpoint: Path | None = None) -> None:
+        """Build a replica on every worker of the layout: from ``state`` (a surviving replica's,
+        worker to worker), from ``checkpoint``, from the newest checkpoint when resuming, or fresh."""
+        ckpt = checkpoint
+        if ckpt is None and state is None and applied:
+            ckpt = latest_checkpoint(self.run_dir)
         if ckpt is not None:
             load_checkpoint(ckpt)  # fail here, with the path, if it does not load
         n = len(self.workers)
+        nthreads = self.client.nthreads()
         futures = []
         for w, addr in enumerate(self.workers):
             spec = ReplicaSpec(
                 run_id=self.run_id, config=self.config, dataset=self.splits.train,
-                train_chunks=self.splits.train_chunks, shards=self.blocks[w],
-                cover=tuple(self.covers[w]), tree_leaves=self.tree.leaves, fan_in=self.tree.fan_in,
+                train_chunks=self.splits.train_chunks, shards=self.layout.blocks[w],
+                cover=self.layout.covers[w], tree_leaves=self.layout.tree.leaves, fan_in=self.layout.tree.fan_in,
                 val_dataset=self.splits.val, val_chunks=self.splits.val_chunks[w::n],
                 run_dir=str(self.run_dir), resume_from=str(ckpt) if ckpt else None,
+                generation=self.generation, applied=applied,
             )
-            futures.append(self.client.submit(create_replica, spec, self._threads(addr), workers=[addr],
-                                              allow_other_workers=False, key=f"{self.run_id}-create-w{w}"))
+            futures.append(self.client.submit(
+                create_replica, spec, nthreads[addr], state, workers=[addr], allow_other_workers=False,
+                key=f"{self.run_id}-g{self.generation}-create-w{w}"))
         for info in self.client.gather(futures):
             log.info("replica ready: %s", info)
 
-    def _threads(self, addr: str) -> int:
-        return int(self.client.scheduler_info(n_workers=-1)["workers"][addr]["nthreads"])
+    def _regroup(self, reason: str) -> int:
+        """Rebuild the replicas on the workers alive now; returns the step to go on from."""
+        log.warning("regrouping: %s", reason)
+        old = self.workers
+        alive = self._alive()
+        survivors = [w for w in old if w in alive]
+        applied: dict[str, int] = {}
+        history: dict[int, dict[str, Any]] = {}
+        for w in survivors:
+            fut = self.client.submit(replica_applied, self.run_id, workers=[w], allow_other_workers=False,
+                                     key=f"{self.run_id}-g{self.generation}-applied-{w}")
+            try:
+                status = fut.result(timeout=self.config.train.step_timeout or 120)
+                applied[w] = status["applied"]
+                history.update(status["history"])
+            except Exception as exc:  # it died too, or holds no replica: not a source
+                log.warning("worker %s cannot give its replica state: %s", w, exc)
+        # Updates survivors applied while the driver was not yet told: record them now, from
+        # the root stats the replicas kept, so every applied step has its metrics line.
+        for t in range(self.recorded, max(applied.values(), default=0)):
+            self._record(t, history[t])
+        min_workers = self.config.train.min_workers
+        grace_end = time.monotonic() + self.config.train.worker_grace_s
+        while len(alive) < min_workers and time.monotonic() < grace_end:
+            time.sleep(self.MEMBERSHIP_POLL_S)
+            alive = self._alive()
+        if len(alive) < min_workers:
+            where = self._checkpoint_from(applied)
+            raise ClusterError(
+                f"the cluster shrank to {len(alive)} workers, below train.min_workers={min_workers}; "
+                f"{where}; resume with --resume once workers are back"
+            )
+        self.generation += 1
+        self.layout = Layout.for_workers(alive[: self.config.train.shards], self.config)
+        if applied:
+            step = max(applied.values())
+            source = next(w for w, a in applied.items() if a == step)
+            state = self.client.submit(export_replica_state, self.run_id, workers=[source],
+                                       allow_other_workers=False, key=f"{self.run_id}-g{self.generation}-state")
+            self._create_replicas(state=state, applied=step)
+        else:
+            # No replica survived: go on from a checkpoint, the newest one not past the
+            # metrics already written (so no applied step goes without its metrics line).
+            found = list_checkpoints(self.run_dir)
+            usable = [c for c in found if load_checkpoint(c).step <= self.recorded] or found[-1:]
+            chosen = usable[-1] if usable else None
+            step = load_checkpoint(chosen).step if chosen else 0
+            log.warning("no replica survived; going on from %s", chosen or "the initial weights")
+            self._create_replicas(state=None, applied=step, checkpoint=chosen)
+        event = {"kind": "regroup", "reason": reason, "global_step": step, "generation": self.generation,
+                 "lost": sorted(set(old) - set(alive)), "joined": sorted(set(self.workers) - set(old)),
+                 "workers": len(self.workers), "end_step": step}
+        self.metrics.write(event)
+        self.emit(event)
+        return step
+
+    def _checkpoint_from(self, applied: dict[str, int]) -> str:
+        if not applied:
+            return self._last_good()
+        source = max(applied, key=lambda w: applied[w])
+        fut = self.client.submit(save_replica_checkpoint, self.run_id, self._checkpoint_meta(applied[source]),
+                                 workers=[source], allow_other_workers=False)
+        fut.result(timeout=120)
+        return f"checkpoint written at step {applied[source]}"
+
+    def _cancel(self, pending: deque[_InFlight]) -> None:
+        futures = [f for e in pending for f in (e.root, e.stats, *e.tasks)]
+        if futures:
+            self.client.cancel(futures)
+        pending.clear()
 
     def _drop_replicas(self) -> None:
         try:
-            self.client.run(drop_replica, self.run_id, workers=self.workers, on_error="ignore")
+            self.client.run(drop_replica, self.run_id, workers=list(self._alive()), on_error="ignore")
         except Exception as exc:  # the cluster may be gone already; nothing to free then
             log.debug("could not drop replicas of %s: %s", self.run_id, exc)
 

@@ -51,6 +51,8 @@ def write_store(
         arr = group.create_array(
             name, shape=a.shape, dtype=a.dtype, chunks=(min(chunk_size, max(len(a), 1)), *a.shape[1:]),
             compressors=ZstdCodec(level=3, checksum=True),
+            # Write every chunk, even all-zero ones: then a missing chunk file means damage.
+            config={"write_empty_chunks": True},
         )
         arr[...] = a
     n = next(iter(lengths.values()))

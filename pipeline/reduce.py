@@ -31,6 +31,7 @@ class StepStats:
     val_loss_sum: float = 0.0
     val_count: int = 0
     val_correct: int = 0
+    nonfinite: int = 0
     data_wait_s: float = 0.0
     compute_s: float = 0.0
 

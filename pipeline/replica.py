@@ -16,7 +16,9 @@ One step task (global step ``t``) does, in this order:
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import DasktrainError, NonFiniteLossError
 from pipeline.feed import ShardFeed
+from pipeline.ledger import append_entry
 from pipeline.models import build_model
 from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
 from pipeline.plan import SamplingPlan
@@ -63,6 +66,10 @@ class ReplicaSpec:
     run_dir: str
     resume_from: str | None
     """Checkpoint directory to load, or None to start from the seeded initial weights."""
+    generation: int = 0
+    """The driver's worker-set generation this replica belongs to (tags ledger entries)."""
+    applied: int = 0
+    """Updates already applied to the starting weights (the checkpoint's step)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class StepActions:
 class Replica:
     """Model, optimizer and data feed of one run on one worker."""
 
-    def __init__(self, spec: ReplicaSpec, threads: int) -> None:
+    def __init__(self, spec: ReplicaSpec, threads: int, state: dict[str, Any] | None = None) -> None:
         self.spec = spec
         cfg = spec.config
         torch.set_num_threads(threads)
@@ -87,10 +94,20 @@ class Replica:
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
         self.optimizer = build_optimizer(cfg.optimizer, self.params)
-        if spec.resume_from:
+        self.applied = spec.applied
+        """Updates applied so far: the global step the next computed gradient belongs to."""
+        if state is not None:  # a copy of a surviving replica, sent worker to worker
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.applied = state["applied"]
+        elif spec.resume_from:
             ckpt = load_checkpoint(Path(spec.resume_from))
             self.model.load_state_dict(ckpt.model)
             self.optimizer.load_state_dict(ckpt.optimizer)
+        self.history: dict[int, dict[str, Any]] = {}
+        """Root stats of the last updates applied, for a driver that regroups before reading them."""
+        self.lock = threading.Lock()
+        """Held for every step and state query: a cancelled step still running finishes first."""
         self.plan = SamplingPlan(spec.train_chunks, cfg.train.shards, cfg.train.batch_size,
                                  cfg.train.seed, cfg.data.shuffle_window)
         self.tree = ReductionTree(spec.tree_leaves, spec.fan_in)
@@ -101,6 +118,14 @@ class Replica:
     # -- the step -------------------------------------------------------------------------
 
     def step(self, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+        with self.lock:
+            return self._step(t, previous, actions)
+
+    def _step(self, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+        # Guard before touching state: Dask may re-run an old step to rebuild a lost result,
+        # and applying an update twice would silently corrupt the replica.
+        if self.applied != (t - 1 if previous is not None else t):
+            raise DasktrainError(f"replica out of step: asked for step {t} after {self.applied} updates")
         if previous is not None:
             self._apply(t - 1, previous)
         stats = StepStats()
@@ -116,9 +141,16 @@ class Replica:
     def _apply(self, t: int, reduced: Partial) -> None:
         """Optimizer step with the global mean gradient of step ``t``."""
         assert reduced.stats is not None
+        self.applied = t + 1
+        self.history[t] = reduced.stats.as_dict()
+        self.history.pop(t - 32, None)
         count = reduced.stats.count
-        flat = reduced.grads[self.tree.root] / count
-        if not bool(torch.isfinite(flat).all()):
+        flat = reduced.grads[self.tree.root] / max(count, 1)
+        finite = reduced.stats.nonfinite == 0 and bool(torch.isfinite(flat).all())
+        if not finite:
+            if self.spec.config.train.on_nan == "skip_step":
+                return  # every replica sees the same root, so every replica skips alike
+            self.applied = t
             epoch, k = self.plan.locate(t)
             raise NonFiniteLossError(
                 f"the gradient of global step {t} (epoch {epoch}, step {k}) is not finite; "
@@ -139,6 +171,8 @@ class Replica:
         # Dropout masks follow the plan (seed, step), not the worker.
         torch.manual_seed(cfg.train.seed * 1_000_003 + t)
         self.model.train()
+        if cfg.train.ledger:
+            self._record_ledger(t)
         if cfg.train.deterministic:
             # One micro-batch per shard, summed locally with the tree's own additions.
             leaves = {s: self._grad_of([b], t, stats) for s, b in zip(self.spec.shards, batches)}
@@ -171,6 +205,10 @@ class Replica:
             ) from None
         value = float(loss.detach())
         if not np.isfinite(value):
+            if self.spec.config.train.on_nan == "skip_step":
+                stats.nonfinite += 1
+                stats.count += len(x)
+                return torch.zeros(self.numel)
             epoch, k = self.plan.locate(t)
             raise NonFiniteLossError(
                 f"loss is {value} at global step {t} (epoch {epoch}, step {k}) on shards "
@@ -181,6 +219,24 @@ class Replica:
         stats.count += len(x)
         stats.correct += correct_count(kind, out.detach(), y)
         return flat
+
+    def _record_ledger(self, t: int) -> None:
+        epoch, k = self.plan.locate(t)
+        plan = self.plan.epoch(epoch)
+        for shard in self.spec.shards:
+            append_entry(self.spec.run_dir, f"{self.spec.run_id}", {
+                "generation": self.spec.generation, "step": t, "epoch": epoch, "shard": shard,
+                "samples": plan.samples_of(k, shard).tolist(),
+            })
+
+    def export_state(self) -> dict[str, Any]:
+        """A copy of weights, optimizer state and update count, for a new or lagging replica."""
+        with self.lock:
+            return {
+                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "applied": self.applied,
+            }
 
     def _bind_grads(self, flat: torch.Tensor) -> None:
         """Make every parameter's ``.grad`` a view into ``flat``."""
@@ -222,22 +278,47 @@ class Replica:
 
 # -- Dask tasks (module-level so workers import them by reference) ---------------------------
 
-def create_replica(spec: ReplicaSpec, threads: int) -> dict[str, Any]:
-    """Build this worker's replica of a run; returns a few facts for the driver's log."""
-    if spec.run_id in _REPLICAS:
-        _REPLICAS.pop(spec.run_id).close()
-    replica = Replica(spec, threads)
+def create_replica(spec: ReplicaSpec, threads: int, state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build this worker's replica of a run (from ``state`` when given); returns facts for the log."""
+    old = _REPLICAS.pop(spec.run_id, None)
+    if old is not None:
+        with old.lock:  # let a step still running on the old replica end first
+            old.close()
+    replica = Replica(spec, threads, state)
     _REPLICAS[spec.run_id] = replica
     return {"parameters": replica.numel, "shards": list(spec.shards), "threads": torch.get_num_threads()}
 
 
-def run_step(run_id: str, t: int, previous: Partial | None, actions: StepActions) -> Partial:
-    """One step of the replica of ``run_id`` on this worker (see the module docstring)."""
+def replica_applied(run_id: str) -> dict[str, Any]:
+    """Updates the replica has applied (once a step it is running has ended), and their root stats."""
+    replica = _get(run_id)
+    with replica.lock:
+        return {"applied": replica.applied, "history": dict(replica.history)}
+
+
+def export_replica_state(run_id: str) -> dict[str, Any]:
+    """The replica's full training state (a Dask task; its result goes worker to worker)."""
+    return _get(run_id).export_state()
+
+
+def save_replica_checkpoint(run_id: str, meta: dict[str, Any]) -> str:
+    """Checkpoint the replica as it is now (used before stopping on too few workers)."""
+    replica = _get(run_id)
+    with replica.lock:
+        replica._checkpoint(replica.applied, meta)
+    return str(Path(replica.spec.run_dir))
+
+
+def _get(run_id: str) -> Replica:
     try:
-        replica = _REPLICAS[run_id]
+        return _REPLICAS[run_id]
     except KeyError:
         raise DasktrainError(f"this worker holds no replica of run {run_id} (was it restarted?)") from None
-    return replica.step(t, previous, actions)
+
+
+def run_step(run_id: str, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+    """One step of the replica of ``run_id`` on this worker (see the module docstring)."""
+    return _get(run_id).step(t, previous, actions)
 
 
 def replica_state(run_id: str) -> dict[str, torch.Tensor]:

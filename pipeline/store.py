@@ -7,11 +7,14 @@ data itself is only ever read on workers, one chunk range at a time.
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from pipeline.errors import DataError
 
@@ -116,6 +119,15 @@ class ChunkReader:
         return self._read(self._inputs, chunk), self._read(self._targets, chunk)
 
     def _read(self, arr: zarr.Array, chunk: Chunk) -> np.ndarray:
+        # Zarr reads a missing chunk as fill values; training on those would be silent damage.
+        grid = [range(math.ceil(n / c)) for n, c in zip(arr.shape[1:], arr.chunks[1:])]
+        for rest in itertools.product(*grid):
+            key = f"{arr.store_path.path}/{arr.metadata.encode_chunk_key((chunk.index, *rest))}"
+            if not sync(arr.store_path.store.exists(key)):
+                raise DataError(
+                    f"chunk {chunk.index} (samples {chunk.start}-{chunk.stop}) of array '{arr.basename}' "
+                    f"in store {self.info.path} is missing (no object {key!r})"
+                )
         try:
             data = np.asarray(arr[chunk.start : chunk.stop])
         except Exception as exc:
