@@ -89,12 +89,19 @@ def save_checkpoint(
             os.fsync(fh.fileno())
     _fsync_dir(tmp)
     if final.exists():  # a re-run of the same step (after a resume): replace it whole
-        shutil.rmtree(final)
+        _remove(final)
     os.rename(tmp, final)
     _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint by first renaming it out of the names resume looks at."""
+    doomed = checkpoint.with_name(f".{checkpoint.name}.del-{os.getpid()}")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:

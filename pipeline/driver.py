@@ -473,7 +473,7 @@ class _Session:
             # No replica survived: go on from a checkpoint, the newest one not past the
             # metrics already written (so no applied step goes without its metrics line).
             found = list_checkpoints(self.run_dir)
-            usable = [c for c in found if load_checkpoint(c).step <= self.recorded] or found[-1:]
+            usable = [c for c in found if int(c.name.split("-")[1]) <= self.recorded] or found[-1:]
             chosen = usable[-1] if usable else None
             step = load_checkpoint(chosen).step if chosen else 0
             log.warning("no replica survived; going on from %s", chosen or "the initial weights")
