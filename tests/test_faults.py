@@ -203,3 +203,24 @@ def test_nan_input_with_skip_step_skips_and_counts(tmp_path):
     skipped = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step" and r.get("skipped")]
     assert len(skipped) == 2  # the bad sample is met once per epoch
     assert all(torch.isfinite(v).all() for v in saved_weights(tmp_path / "run").values())
+
+
+def test_straggler_past_step_timeout_is_treated_as_lost(store, tmp_path):
+    flag = tmp_path / "hang-pid"
+    config = fault_config(store, tmp_path / "run", step_timeout=3.0, epochs=1)
+    config = config.model_copy(update={"model": config.model.model_copy(update={
+        "factory": "tests.sleepy:sleepy_mlp",
+        "kwargs": {**config.model.kwargs, "flag": str(flag), "seconds": 12.0}})})
+    with local_client(2) as client:
+        pids = client.run(os.getpid)
+
+        def hang(event):
+            if event["kind"] == "step" and event["global_step"] == 5:
+                flag.write_text(str(pids[sorted(pids)[1]]))
+
+        result = train(config, client=client, on_event=hang)
+    assert result.completed
+    events = regroups(tmp_path / "run")
+    assert any("step_timeout" in e["reason"] for e in events), events
+    check_exactly_once(tmp_path / "run", training_samples(config), epochs=1)
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
