@@ -7,6 +7,7 @@ dict of numbers per step. The final weights are fetched once, at the end.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -78,9 +79,19 @@ def train(
     later. ``on_event`` receives ``start``, ``step``, ``epoch`` and ``end`` records (the CLI's
     progress display). Raises :class:`DasktrainError` subclasses for every user-fixable problem.
     """
+    if config.parallel.pipeline > 1:
+        from pipeline.pipeline_driver import train_pipeline  # imports this module: import late
+
+        return train_pipeline(config, client=client, resume=resume, until_epoch=until_epoch, on_event=on_event)
     splits = resolve_splits(config)
     plan = build_plan(config, splits)
     check_model_fits(config, splits.train)
+    asked = config.cluster.workers
+    if client is None and asked is not None and asked > config.train.shards:  # say so before starting it
+        raise ClusterError(
+            f"cluster.workers={asked} is more than train.shards={config.train.shards} "
+            "(each worker streams at least one shard); raise train.shards or use fewer workers"
+        )
     run_dir = Path(config.output_dir)
     start_step = _prepare_run_dir(config, run_dir, resume)
     stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
@@ -224,7 +235,7 @@ class _Session:
             self._create_replicas(state=None, applied=self.start_step)
             self.emit({"kind": "start", "start_step": self.start_step, "end_step": self.end_step,
                        "steps_per_epoch": self.plan.steps_per_epoch, "workers": list(self.workers),
-                       "dashboard": _dashboard_link(self.client), "run_dir": str(self.run_dir)})
+                       "dashboard": _dashboard_link(self.client, self.config.cluster.dashboard), "run_dir": str(self.run_dir)})
             epochs = self._loop(metrics)
             completed = self.end_step == self.config.train.epochs * self.plan.steps_per_epoch
             if completed:
@@ -546,8 +557,10 @@ class _EpochAccumulator:
         return record
 
 
-def _dashboard_link(client: Client) -> str | None:
-    """The dashboard's address, when the scheduler serves one."""
+def _dashboard_link(client: Client, wanted: bool) -> str | None:
+    """The dashboard's address, when one was asked for and can be drawn (it needs bokeh)."""
+    if not wanted or importlib.util.find_spec("bokeh") is None:
+        return None
     if "dashboard" not in client.scheduler_info(n_workers=0).get("services", {}):
         return None
     return client.dashboard_link

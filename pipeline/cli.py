@@ -1,0 +1,296 @@
+"""The ``dasktrain`` command line: ``ingest`` a dataset into a Zarr store, ``run`` a training config.
+
+The CLI owns the terminal and nothing else: it parses arguments, calls into ``pipeline``, draws
+the progress display from the driver's events and prints summaries. Every
+:class:`~pipeline.errors.DasktrainError` becomes one red ``error: ...`` line on stderr and exit
+code 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from pipeline.errors import DasktrainError
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.driver import Event, RunResult
+
+app = typer.Typer(
+    name="dasktrain",
+    help="Train PyTorch models data-parallel on a Dask cluster over Zarr datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+out = Console()
+err = Console(stderr=True)
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages (default: warnings only).")] = False,
+) -> None:
+    """Train PyTorch models data-parallel on a Dask cluster over Zarr datasets."""
+    # Log records go to stderr, so stdout keeps only the progress display and the summaries.
+    # The level sits on the handler too: Dask's loggers set their own (INFO) levels and
+    # propagate to the root, so the root logger's level alone would not hold them back.
+    level = logging.INFO if verbose else logging.WARNING
+    handler = RichHandler(console=err, level=level, show_time=False, show_path=False)
+    # force=True: the last call wins, also when the app is invoked twice in one process (tests).
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler], force=True)
+    logging.captureWarnings(True)
+    if not verbose:
+        # A task that raises is logged by its worker ("Compute Failed", with the traceback) before
+        # the driver reports it as one error line. Worker processes set up their logging from the
+        # environment when they start, so this is the one place to quiet them from here; memory
+        # warnings keep their own level.
+        os.environ.setdefault("DASK_LOGGING", repr({"distributed.worker": "critical",
+                                                    "distributed.worker.memory": "warning"}))
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn a :class:`DasktrainError` into one red line on stderr and exit code 1."""
+    try:
+        yield
+    except DasktrainError as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        # Text, not markup: messages hold brackets ("[0, 1]") that rich would take for tags;
+        # soft_wrap: one line however narrow the terminal.
+        err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+# -- ingest -----------------------------------------------------------------------------------
+
+
+@app.command()
+def ingest(
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Path of the Zarr store to write.")],
+    example: Annotated[str | None, typer.Option(help="A bundled example dataset: digits.")] = None,
+    image: Annotated[bool, typer.Option("--image", help="With --example: image-shaped inputs (1, 8, 8) instead of flat (64,).")] = False,
+    inputs: Annotated[Path | None, typer.Option(help="Inputs as a .npy file (with --targets).")] = None,
+    targets: Annotated[Path | None, typer.Option(help="Targets as a .npy file (with --inputs).")] = None,
+    npz: Annotated[Path | None, typer.Option(help="Inputs and targets as two arrays of one .npz file.")] = None,
+    inputs_key: Annotated[str, typer.Option(help="With --npz: name of the inputs array.")] = "inputs",
+    targets_key: Annotated[str, typer.Option(help="With --npz: name of the targets array.")] = "targets",
+    csv: Annotated[Path | None, typer.Option(help="A CSV file with a header row; one column is the target.")] = None,
+    target_column: Annotated[str | None, typer.Option(help="With --csv: the target column (default: the last).")] = None,
+    regression: Annotated[bool, typer.Option("--regression", help="With --csv: real-valued targets instead of class labels.")] = False,
+    chunk_size: Annotated[int | None, typer.Option(min=1, help="Samples per chunk along axis 0 (default: 64 for the small examples, else 1024).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing store.")] = False,
+) -> None:
+    """Write a dataset (bundled example, .npy pair, .npz or CSV) as a Zarr store for training."""
+    sources = {
+        "--example": example is not None,
+        "--inputs/--targets": inputs is not None or targets is not None,
+        "--npz": npz is not None,
+        "--csv": csv is not None,
+    }
+    given = [name for name, present in sources.items() if present]
+    if len(given) != 1:
+        found = f"got {' and '.join(given)}" if given else "got none"
+        raise typer.BadParameter(f"give exactly one source of {', '.join(sources)}; {found}")
+    if (inputs is None) != (targets is None):
+        raise typer.BadParameter("--inputs and --targets go together")
+    _only_with("--image", image, "--example", example is not None)
+    _only_with("--inputs-key/--targets-key", (inputs_key, targets_key) != ("inputs", "targets"), "--npz", npz is not None)
+    _only_with("--target-column/--regression", target_column is not None or regression, "--csv", csv is not None)
+
+    from pipeline import ingest as ing
+
+    with _user_errors():
+        if example is not None:
+            arrays, source = ing.example_arrays(example, image=image), f"example:{example}"
+        elif npz is not None:
+            arrays, source = ing.read_npz(npz, inputs_key, targets_key), str(npz)
+        elif csv is not None:
+            arrays, source = ing.read_csv(csv, target_column, classification=not regression), str(csv)
+        else:
+            assert inputs is not None and targets is not None
+            arrays, source = ing.read_npy(inputs, targets), f"{inputs}, {targets}"
+        if chunk_size is None:
+            chunk_size = 64 if example is not None else 1024
+        path = ing.write_store(out_path, arrays, chunk_size=chunk_size, overwrite=overwrite, source=source)
+        _print_store(path, ing.store_summary(path))
+
+
+def _only_with(option: str, used: bool, needs: str, present: bool) -> None:
+    if used and not present:
+        raise typer.BadParameter(f"{option} only applies with {needs}")
+
+
+def _print_store(path: Path, summary: dict[str, Any]) -> None:
+    samples, chunk_size = summary["samples"], summary["chunk_size"]
+    chunks = math.ceil(samples / chunk_size)
+    # soft_wrap: paths stay whole on one line, to be copied, however narrow the terminal.
+    out.print(f"wrote {escape(str(path))}: {samples} samples in {chunks} chunks of {chunk_size}", soft_wrap=True)
+    table = Table()
+    for name in ("array", "dtype", "sample shape", "chunk shape"):
+        table.add_column(name)
+    for name, spec in summary["arrays"].items():
+        shape = tuple(spec["sample_shape"])
+        table.add_row(name, spec["dtype"], str(shape), str((min(chunk_size, samples), *shape)))
+    out.print(table)
+    out.print(f"source: {escape(summary.get('source') or '-')}", soft_wrap=True)
+
+
+# -- run --------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML), e.g. examples/digits.yaml.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key (repeatable), e.g. --set train.epochs=3."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in output_dir from its newest checkpoint.")] = False,
+    until_epoch: Annotated[
+        int | None, typer.Option(min=1, help="Stop, with a checkpoint, after this many epochs (resume later).")
+    ] = None,
+) -> None:
+    """Train a config on the Dask cluster it names; show progress and an epoch summary."""
+    from pipeline.config import load_config
+    from pipeline.driver import train
+
+    with _user_errors():
+        cfg = load_config(config, overrides or [])
+        with _ProgressView(cfg) as view:
+            result = train(cfg, resume=resume, until_epoch=until_epoch, on_event=view.on_event)
+    _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])])
+
+
+class _ProgressView:
+    """Draws the driver's events: a progress bar over the run's steps, a line per epoch."""
+
+    def __init__(self, config: RunConfig) -> None:
+        self.epochs = config.train.epochs
+        self.dashboard = config.cluster.dashboard
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("step {task.fields[step]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} samples/s"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=out,
+        )
+        self.task: TaskID | None = None
+        self.steps_per_epoch = 1
+        self.rate: float | None = None
+
+    def __enter__(self) -> _ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def on_event(self, event: Event) -> None:
+        kind = event["kind"]
+        if kind == "start":
+            self._start(event)
+        elif kind == "step" and self.task is not None:
+            # The per-step rate is noisy (submit-ahead makes steps arrive in bursts): smooth it.
+            rate = float(event["samples_per_s"])
+            self.rate = rate if self.rate is None else 0.9 * self.rate + 0.1 * rate
+            self.progress.update(
+                self.task, completed=event["global_step"] + 1,
+                description=f"epoch {event['epoch'] + 1}/{self.epochs}",
+                step=f"{event['step'] + 1}/{self.steps_per_epoch}",
+                loss="skipped (not finite)" if event.get("skipped") else f"{event['loss']:.4f}",
+                rate=f"{self.rate:,.0f}",
+            )
+        elif kind == "epoch":
+            self.progress.console.print(_epoch_line(event, self.epochs), soft_wrap=True)
+        elif kind == "regroup":
+            changes = [f"lost {len(event['lost'])}" if event["lost"] else "",
+                       f"joined {len(event['joined'])}" if event["joined"] else ""]
+            self.progress.console.print(
+                f"[yellow]workers changed ({escape(str(event['reason']))}; {', '.join(c for c in changes if c) or 'regrouped'}): "
+                f"going on with {event['workers']} worker(s) from global step {event['global_step']}", soft_wrap=True)
+
+    def _start(self, event: Event) -> None:
+        self.steps_per_epoch = event["steps_per_epoch"]
+        start, end = event["start_step"], event["end_step"]
+        workers = event["workers"]
+        console = self.progress.console
+        console.print(f"run dir {escape(event['run_dir'])}: {len(workers)} worker(s), "
+                      f"{self.steps_per_epoch} steps per epoch, steps {start}..{end}", soft_wrap=True)
+        # The scheduler registers its HTTP server as "dashboard" even with the dashboard off, so
+        # the event's link alone does not say a dashboard is served: the config does.
+        if event.get("dashboard") and self.dashboard:
+            note = "" if importlib.util.find_spec("bokeh") else " (install bokeh to see it: pip install 'dasktrain[dashboard]')"
+            console.print(f"Dask dashboard: {escape(event['dashboard'])}{escape(note)}", soft_wrap=True)
+        epoch = start // self.steps_per_epoch
+        self.task = self.progress.add_task(
+            f"epoch {epoch + 1}/{self.epochs}", total=end, completed=start,
+            step=f"-/{self.steps_per_epoch}", loss="-", rate="-",
+        )
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"train loss {_num(record.get('train_loss'))}"]
+    if "val_loss" in record:
+        parts.append(f"val loss {_num(record['val_loss'])}")
+    if "val_accuracy" in record:
+        parts.append(f"val accuracy {_pct(record['val_accuracy'])}")
+    parts.append(f"{record['samples_per_s']:,.0f} samples/s")
+    return "  ".join(parts)
+
+
+def _print_run(result: RunResult, config: RunConfig, run_args: list[str]) -> None:
+    from pipeline.driver import CONFIG_FILE
+    from pipeline.metrics import METRICS_FILE, read_metrics
+
+    # From metrics.jsonl rather than result.epochs: after --resume it also holds earlier epochs.
+    epochs = [r for r in read_metrics(result.run_dir) if r.get("kind") == "epoch"]
+    table = Table(title="epochs", title_justify="left")
+    for name in ("epoch", "train loss", "val loss", "val accuracy", "samples/s"):
+        table.add_column(name, justify="right")
+    for r in epochs:
+        table.add_row(str(r["epoch"] + 1), _num(r.get("train_loss")), _num(r.get("val_loss")),
+                      _pct(r.get("val_accuracy")), f"{r['samples_per_s']:,.0f}")
+    out.print(table)
+    run_dir = escape(str(result.run_dir))
+    if result.completed:
+        out.print(f"model:   {escape(str(result.model_path))}", soft_wrap=True)
+    else:
+        done = epochs[-1]["epoch"] + 1 if epochs else 0
+        out.print(f"stopped after epoch {done} of {config.train.epochs} (global step {result.steps}); continue with: "
+                  f"dasktrain run {escape(shlex.join(run_args))} --resume", soft_wrap=True)
+    out.print(f"metrics: {run_dir}/{METRICS_FILE}", soft_wrap=True)
+    out.print(f"config:  {run_dir}/{CONFIG_FILE}", soft_wrap=True)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+if __name__ == "__main__":
+    app()
