@@ -52,6 +52,17 @@ class DataConfig(_Frozen):
     """Validation split; none means no validation metrics."""
     shuffle_window: int = Field(default=2, ge=1)
     """Chunks a shard shuffles together (the shuffle buffer, in chunks)."""
+    normalize: bool = False
+    """Standardise each input feature with the mean and std of the training chunks, computed by the
+    flow's prepare stage on the cluster and kept in the store's attributes."""
+    test_store: str | None = None
+    """Store with the same arrays for the flow's evaluate stage (loss, accuracy, predictions); none:
+    the validation split, or the training store when there is none."""
+    source: str | None = None
+    """Where the flow's prepare stage ingests ``store`` from when it does not exist yet:
+    ``example:digits``, an ``.npz`` file (arrays ``inputs``, ``targets``) or a ``.csv`` file (last column the target)."""
+    source_chunk_size: int = Field(default=1024, ge=1)
+    """Samples per chunk of a store ingested from ``source``."""
 
 
 class ModelConfig(_Frozen):
@@ -341,6 +352,7 @@ class RunConfig(_Frozen):
         """Short hash of the settings that decide the training trajectory (not of where it runs)."""
         relevant = self.model_dump(mode="json", exclude={
             "cluster": True, "output_dir": True, "checkpoint": True,
+            "data": {"test_store", "source", "source_chunk_size"},
             "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger"},
         })
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

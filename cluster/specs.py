@@ -1,0 +1,205 @@
+"""Turn a :class:`ClusterConfig` into a running cluster and a connected ``Client``.
+
+Launching is left to Dask's own classes (LocalCluster, dask-cuda's LocalCUDACluster, the
+dask-jobqueue clusters); this module maps a spec onto them, waits for the workers, and closes
+whatever it started on every exit path. Every failure is one :class:`ClusterError` sentence that
+names the spec file and the field to change.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from distributed import Client, LocalCluster, Security
+from distributed.deploy import Cluster
+
+from cluster.tls import cluster_security
+from pipeline.config import JOBQUEUE_KINDS, ClusterConfig
+from pipeline.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
+
+RESERVED_JOBQUEUE_OPTIONS = {
+    "n_workers": "cluster.workers",
+    "security": "cluster.security and cluster.tls",
+    "protocol": "cluster.security",
+    "dashboard_address": "cluster.dashboard (or scheduler_options)",
+    "job_cls": None, "loop": None, "asynchronous": None, "scheduler": None, "name": None, "config_name": None,
+}
+"""dask-jobqueue arguments that dasktrain sets itself, and the spec field that decides each."""
+
+GPU_DIRECTIVES = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}", "lsf": '-gpu "num={n}"'}
+"""How a job asks its batch system for ``n`` GPUs (site conventions vary: override with job_extra_directives)."""
+
+
+@contextmanager
+def open_cluster(spec: ClusterConfig) -> Iterator[Client]:
+    """Start (or, for ``address``, connect to) the cluster ``spec`` describes and yield a client
+    once its workers have arrived. A cluster started here is closed, and its batch jobs cancelled,
+    however the block is left; a cluster reached by address is left running."""
+    security = cluster_security(spec)
+    if spec.kind == "address":
+        with _connect(spec, security) as client:
+            yield client
+        return
+    cluster, workers = _start(spec, security)
+    try:
+        with Client(cluster, timeout=spec.wait_timeout) as client:
+            _wait_for_workers(client, cluster, spec, workers)
+            yield client
+    finally:
+        cluster.close()
+
+
+def _start(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
+    if spec.kind == "local":
+        workers = spec.workers or 2
+        try:
+            cluster = LocalCluster(
+                n_workers=workers, threads_per_worker=spec.threads_per_worker, processes=True,
+                memory_limit=spec.memory_limit, dashboard_address=":0" if spec.dashboard else None,
+                security=security, protocol="tls://" if security else None,
+            )
+        except Exception as exc:
+            raise ClusterError(f"{spec.source}: cannot start a local cluster of cluster.workers={workers} "
+                               f"workers: {_one_line(exc)}") from exc
+        return cluster, workers
+    if spec.kind == "local-cuda":
+        return _local_cuda(spec, security)
+    if spec.kind in JOBQUEUE_KINDS:
+        return _jobqueue(spec, security)
+    raise ClusterError(f"{spec.source}: cluster.kind {spec.kind!r} is not supported")
+
+
+def _local_cuda(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
+    visible = visible_gpus()
+    if visible == 0:
+        raise ClusterError(
+            f"{spec.source}: cluster.kind 'local-cuda' needs a CUDA GPU, and none is visible on this machine "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); use kind 'local' on CPUs")
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as exc:
+        raise ClusterError(f"{spec.source}: cluster.kind 'local-cuda' needs dask-cuda, which cannot be imported "
+                           f"here ({exc}); install it with pip install 'dasktrain[cuda]' (dask-cuda==26.10.*)") from None
+    devices = list(spec.devices) if spec.devices is not None else list(range(visible))
+    if any(d >= visible for d in devices):
+        raise ClusterError(f"{spec.source}: cluster.devices {devices} names GPUs that do not exist; "
+                           f"{visible} are visible (0 to {visible - 1})")
+    workers = spec.workers or len(devices)
+    if workers > len(devices):
+        raise ClusterError(f"{spec.source}: cluster.workers={workers} needs as many GPUs, found {len(devices)} "
+                           "(one worker per GPU); lower cluster.workers")
+    try:
+        cluster = LocalCUDACluster(
+            n_workers=workers, CUDA_VISIBLE_DEVICES=devices[:workers], threads_per_worker=spec.threads_per_worker,
+            memory_limit=spec.memory_limit, dashboard_address=":0" if spec.dashboard else None,
+            security=security, protocol="tls://" if security else None,
+        )
+    except Exception as exc:  # NVML and CUDA errors: one sentence, not their traceback
+        raise ClusterError(f"{spec.source}: cannot start a local-cuda cluster on GPUs {devices[:workers]}: "
+                           f"{_one_line(exc)}") from None
+    return cluster, workers
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process may use (honours ``CUDA_VISIBLE_DEVICES``); 0 without a driver."""
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # a broken driver counts as no GPU; the message says what to use instead
+        return 0
+
+
+def _jobqueue(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
+    try:
+        import dask_jobqueue
+        from dask_jobqueue.core import Job
+    except ImportError as exc:
+        raise ClusterError(f"{spec.source}: cluster.kind {spec.kind!r} needs dask-jobqueue ({exc}); "
+                           "install it with pip install 'dasktrain[jobqueue]'") from None
+    cls = getattr(dask_jobqueue, JOBQUEUE_CLASSES[spec.kind])
+    options = dict(spec.jobqueue)
+    _check_jobqueue_options(spec, cls, Job, options)
+    if spec.gpus_per_worker:
+        if spec.kind not in GPU_DIRECTIVES:
+            raise ClusterError(f"{spec.source}: cluster.gpus_per_worker has no standard request on kind "
+                               f"{spec.kind!r}; put your site's directive in cluster.jobqueue.job_extra_directives")
+        directive = GPU_DIRECTIVES[spec.kind].format(n=spec.gpus_per_worker)
+        options["job_extra_directives"] = [*options.get("job_extra_directives", []), directive]
+    dashboard = {"dashboard_address": ":0"} if spec.dashboard else {"dashboard": False}
+    options["scheduler_options"] = {**dashboard, **options.get("scheduler_options", {})}
+    workers = spec.workers or 1
+    try:
+        cluster = cls(**options, security=security, protocol="tls://" if security else None)
+    except (TypeError, ValueError) as exc:
+        raise ClusterError(f"{spec.source}: dask_jobqueue.{cls.__name__} rejects cluster.jobqueue "
+                           f"{dict(spec.jobqueue)}: {_one_line(exc)}") from None
+    try:
+        cluster.scale(n=workers)
+    except Exception as exc:
+        cluster.close()
+        raise ClusterError(f"{spec.source}: cannot submit {workers} worker jobs with dask_jobqueue."
+                           f"{cls.__name__}: {_one_line(exc)}") from None
+    log.info("submitted worker jobs with %s:\n%s", cls.__name__, cluster.job_script())
+    return cluster, workers
+
+
+def _check_jobqueue_options(spec: ClusterConfig, cls: Any, base_job: Any, options: dict[str, Any]) -> None:
+    """Name the first option the class would reject, before anything is submitted."""
+    accepted: set[str] = set()
+    for func in (cls.__init__, cls.job_cls.__init__, base_job.__init__):
+        accepted |= {p.name for p in inspect.signature(func).parameters.values()
+                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    for key in options:
+        if key in RESERVED_JOBQUEUE_OPTIONS:
+            instead = RESERVED_JOBQUEUE_OPTIONS[key]
+            raise ClusterError(f"{spec.source}: cluster.jobqueue.{key} is set by dasktrain"
+                               + (f" from {instead}; set that instead" if instead else ""))
+        if key not in accepted - {"self"}:
+            raise ClusterError(f"{spec.source}: cluster.jobqueue.{key} is not an option of dask_jobqueue."
+                               f"{cls.__name__} (options: {', '.join(sorted(accepted - set(RESERVED_JOBQUEUE_OPTIONS) - {'self'}))})")
+
+
+def _wait_for_workers(client: Client, cluster: Cluster | None, spec: ClusterConfig, workers: int) -> None:
+    try:
+        client.wait_for_workers(workers, timeout=spec.wait_timeout)
+    except TimeoutError:
+        arrived = len(client.scheduler_info(n_workers=-1)["workers"])
+        hint = ""
+        if spec.kind in JOBQUEUE_KINDS:
+            jobs = [getattr(job, "job_id", None) for job in getattr(cluster, "workers", {}).values()]
+            logs = spec.jobqueue.get("log_directory")
+            hint = (f"; jobs {[j for j in jobs if j]} are queued or failed: see the batch queue"
+                    + (f" and the job logs in {logs}" if logs else " (set cluster.jobqueue.log_directory for job logs)"))
+        raise ClusterError(f"{spec.source}: {arrived} of cluster.workers={workers} workers arrived within "
+                           f"cluster.wait_timeout={spec.wait_timeout:g} s{hint}") from None
+    log.info("cluster ready: %d workers (%s)", workers, spec.kind)
+
+
+@contextmanager
+def _connect(spec: ClusterConfig, security: Security | None) -> Iterator[Client]:
+    assert spec.address is not None  # the config requires it for this kind
+    try:
+        client = Client(spec.address, security=security, timeout=spec.wait_timeout)
+    except Exception as exc:  # OSError, TimeoutError, TLS errors: one sentence with the address
+        raise ClusterError(f"{spec.source}: cannot reach the scheduler at cluster.address={spec.address} "
+                           f"within cluster.wait_timeout={spec.wait_timeout:g} s: {_one_line(exc)}") from None
+    # Closing the client leaves the scheduler and its workers running: they are not ours.
+    with client:
+        _wait_for_workers(client, None, spec, spec.workers or 1)
+        yield client
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first non-empty line of its message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
