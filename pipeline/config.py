@@ -115,6 +115,8 @@ class TrainConfig(_Frozen):
     """Logical shards the chunks are dealt into each epoch; the plan depends on this, not on the worker count."""
     seed: int = 0
     """Seed of the plan (chunk dealing, shuffles), of the model's initial weights and of dropout."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Forward/backward precision: fp32, or bf16 autocast with fp32 weights, gradient sums and optimizer state."""
     deterministic: bool = False
     """Per-shard micro-batches and a reduction tree fixed over shards: bitwise-identical weights for any worker count."""
     fan_in: int | None = Field(default=None, ge=2)

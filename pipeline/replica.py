@@ -29,14 +29,15 @@ import torch
 
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
+from pipeline.device import Placement
 from pipeline.errors import DasktrainError, NonFiniteLossError
-from pipeline.feed import ShardFeed
+from pipeline.feed import ShardFeed, open_reader
 from pipeline.ledger import append_entry
 from pipeline.models import build_model
 from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
 from pipeline.plan import SamplingPlan
 from pipeline.reduce import NodeId, Partial, ReductionTree, StepStats
-from pipeline.store import Chunk, ChunkReader, DatasetInfo
+from pipeline.store import Chunk, DatasetInfo
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,9 @@ class Replica:
         self.spec = spec
         cfg = spec.config
         torch.set_num_threads(threads)
-        self.model = build_model(cfg.model, cfg.train.seed)
+        # The worker's own GPU when it has one (dask-cuda gives each worker one), else the CPU.
+        self.place = Placement(cfg.train.precision)
+        self.model = self.place.model(build_model(cfg.model, cfg.train.seed))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
@@ -97,7 +100,7 @@ class Replica:
         self.applied = spec.applied
         """Updates applied so far: the global step the next computed gradient belongs to."""
         if state is not None:  # a copy of a surviving replica, sent worker to worker
-            self.model.load_state_dict(state["model"])
+            self.model.load_state_dict(state["model"])  # load_state_dict copies onto the device
             self.optimizer.load_state_dict(state["optimizer"])
             self.applied = state["applied"]
         elif spec.resume_from:
@@ -111,8 +114,8 @@ class Replica:
         self.plan = SamplingPlan(spec.train_chunks, cfg.train.shards, cfg.train.batch_size,
                                  cfg.train.seed, cfg.data.shuffle_window)
         self.tree = ReductionTree(spec.tree_leaves, spec.fan_in)
-        self.feed = ShardFeed(self.plan, ChunkReader(spec.dataset), spec.shards, cfg.train.epochs)
-        self._val_reader = ChunkReader(spec.val_dataset) if spec.val_dataset and spec.val_chunks else None
+        self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs)
+        self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
         self._val_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     # -- the step -------------------------------------------------------------------------
@@ -145,7 +148,7 @@ class Replica:
         self.history[t] = reduced.stats.as_dict()
         self.history.pop(t - 32, None)
         count = reduced.stats.count
-        flat = reduced.grads[self.tree.root] / max(count, 1)
+        flat = self.place.from_host(reduced.grads[self.tree.root]) / max(count, 1)
         finite = reduced.stats.nonfinite == 0 and bool(torch.isfinite(flat).all())
         if not finite:
             if self.spec.config.train.on_nan == "skip_step":
@@ -181,22 +184,24 @@ class Replica:
             # Fast mode: the worker's shards fused into one forward/backward.
             (node,) = self.spec.cover
             grads = {node: self._grad_of(batches, t, stats)}
+        grads = {node: self.place.to_host(g) for node, g in grads.items()}  # Dask sends host tensors
         stats.compute_s = time.perf_counter() - t1
         return grads
 
     def _grad_of(self, batches: list[tuple[np.ndarray, np.ndarray]], t: int, stats: StepStats) -> torch.Tensor:
         """Flat sum-of-sample gradients of ``batches`` (zeros when they are empty)."""
-        flat = torch.zeros(self.numel)
+        flat = self.place.zeros(self.numel)
         x_np = np.concatenate([b[0] for b in batches])
         if len(x_np) == 0:
             return flat
         y_np = np.concatenate([b[1] for b in batches])
         kind = self.spec.config.loss
-        x, y = prepare_batch(kind, torch.from_numpy(x_np), torch.from_numpy(y_np))
+        x, y = prepare_batch(kind, self.place.to_device(x_np, "inputs"), self.place.to_device(y_np, "targets"))
         self._bind_grads(flat)  # backward accumulates straight into the flat buffer
         try:
-            out = self.model(x)
-            loss = loss_sum(kind, out, y)
+            with self.place.autocast():
+                out = self.model(x)
+            loss = loss_sum(kind, out.float(), y)
         except (RuntimeError, ValueError, IndexError) as exc:
             epoch, k = self.plan.locate(t)
             raise DasktrainError(
@@ -208,7 +213,7 @@ class Replica:
             if self.spec.config.train.on_nan == "skip_step":
                 stats.nonfinite += 1
                 stats.count += len(x)
-                return torch.zeros(self.numel)
+                return self.place.zeros(self.numel)
             epoch, k = self.plan.locate(t)
             raise NonFiniteLossError(
                 f"loss is {value} at global step {t} (epoch {epoch}, step {k}) on shards "
@@ -233,8 +238,8 @@ class Replica:
         """A copy of weights, optimizer state and update count, for a new or lagging replica."""
         with self.lock:
             return {
-                "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+                "model": {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()},
+                "optimizer": _to_host(copy.deepcopy(self.optimizer.state_dict())),
                 "applied": self.applied,
             }
 
@@ -252,8 +257,10 @@ class Replica:
         self.model.eval()
         with torch.no_grad():
             for x_np, y_np in self._val_batches():
-                x, y = prepare_batch(kind, torch.from_numpy(x_np), torch.from_numpy(y_np))
-                out = self.model(x)
+                x, y = prepare_batch(kind, self.place.to_device(x_np, "val_inputs"),
+                                     self.place.to_device(y_np, "val_targets"))
+                with self.place.autocast():
+                    out = self.model(x).float()
                 stats.val_loss_sum += float(loss_sum(kind, out, y))
                 stats.val_count += len(x)
                 stats.val_correct += correct_count(kind, out, y)
@@ -309,6 +316,17 @@ def save_replica_checkpoint(run_id: str, meta: dict[str, Any]) -> str:
     return str(Path(replica.spec.run_dir))
 
 
+def _to_host(value: Any) -> Any:
+    """Optimizer state with every tensor on the CPU (load_state_dict moves it back to the params' device)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu")
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_host(v) for v in value]
+    return value
+
+
 def _get(run_id: str) -> Replica:
     try:
         return _REPLICAS[run_id]
@@ -323,7 +341,7 @@ def run_step(run_id: str, t: int, previous: Partial | None, actions: StepActions
 
 def replica_state(run_id: str) -> dict[str, torch.Tensor]:
     """The replica's model weights, fetched once at the end of a run."""
-    return {k: v.detach().clone() for k, v in _REPLICAS[run_id].model.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in _get(run_id).model.state_dict().items()}
 
 
 def drop_replica(run_id: str) -> bool:
