@@ -14,11 +14,33 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
+from pipeline.config import DataConfig
+from pipeline.normalize import Normalization, read_normalization
 from pipeline.plan import SamplingPlan
-from pipeline.store import ChunkReader
+from pipeline.store import Chunk, ChunkReader, DatasetInfo
 
 WindowKey = tuple[int, int, int]  # (epoch, shard, window)
 Batch = tuple[np.ndarray, np.ndarray]
+
+
+class NormalizedReader(ChunkReader):
+    """A :class:`ChunkReader` whose inputs come out standardised (``data.normalize``)."""
+
+    def __init__(self, info: DatasetInfo, normalization: Normalization) -> None:
+        super().__init__(info)
+        self.normalization = normalization
+
+    def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        x, y = super().read(chunk)
+        return self.normalization.apply(x), y
+
+
+def open_reader(info: DatasetInfo, data: DataConfig) -> ChunkReader:
+    """The reader of a store for training or evaluation: normalising with the statistics of the
+    training store (``data.store``) when ``data.normalize`` is on, also for other stores."""
+    if not data.normalize:
+        return ChunkReader(info)
+    return NormalizedReader(info, read_normalization(data.store, data.inputs))
 
 
 class ShardFeed:
