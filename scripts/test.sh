@@ -1,9 +1,20 @@
 #!/usr/bin/env bash
-# One command from a fresh clone to a tested tree: set up, lint, run the test suite.
-# Extra arguments go to pytest (e.g. -k resume, -x).
+# One command from a fresh clone to a tested tree: set up, lint, start the services the tests
+# use (a one-node SLURM, where this runs as root), run the test suite, stop what it started.
+# Tests whose service could not be started skip with the reason. Extra arguments go to pytest
+# (e.g. -k resume, -x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
 ruff check pipeline cluster flows tests benchmarks
+
+stop_services() { bash scripts/slurm/stop.sh || true; }
+trap stop_services EXIT
+if [ "$(id -u)" = 0 ] && bash scripts/slurm/start.sh; then
+  export SLURM_CONF=${DASKTRAIN_SLURM_DIR:-/tmp/dasktrain-slurm}/slurm.conf
+else
+  echo "test: SLURM could not be started here; the SLURM tests will skip"
+fi
+
 python -m pytest -q -p no:cacheprovider "$@"
