@@ -413,6 +413,8 @@ def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
+        if part == "cluster" and node is raw and isinstance(child, str):  # `cluster: slurm` shorthand
+            child = node[part] = {"kind": child} if child in CLUSTER_KINDS else {"spec": child}
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: '{part}' in {path} is not a mapping")
         node = child
