@@ -51,7 +51,7 @@ def write_file_atomic(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_model(path: Path, state: dict[str, torch.Tensor]) -> None:
@@ -75,7 +75,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    opt_tensors, opt_rest = _split_optimizer_state(optimizer_state)
+    opt_tensors, opt_rest = split_optimizer_state(optimizer_state)
     files = {
         "model.safetensors": dump_tensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}),
         "optimizer.safetensors": dump_tensors(opt_tensors),
@@ -87,11 +87,11 @@ def save_checkpoint(
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a re-run of the same step (after a resume): replace it whole
         _remove(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep]:
         _remove(old)
     return final
@@ -128,11 +128,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         opt_tensors = load_tensors((path / "optimizer.safetensors").read_bytes())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
-    optimizer = _join_optimizer_state(opt_tensors, state.pop("optimizer"))
+    optimizer = join_optimizer_state(opt_tensors, state.pop("optimizer"))
     return Checkpoint(path, model, optimizer, state)
 
 
-def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     rest: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
     for idx, entry in sd["state"].items():
@@ -146,7 +146,7 @@ def _split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor],
     return tensors, rest
 
 
-def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {int(k): dict(v) for k, v in rest["state"].items()}
     for key, value in tensors.items():
         idx, _, name = key.partition(".")
@@ -154,7 +154,7 @@ def _join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

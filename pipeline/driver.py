@@ -93,19 +93,19 @@ def train(
             "(each worker streams at least one shard); raise train.shards or use fewer workers"
         )
     run_dir = Path(config.output_dir)
-    start_step = _prepare_run_dir(config, run_dir, resume)
+    start_step = prepare_run_dir(config, run_dir, resume)
     stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
     end_step = stop_epoch * plan.steps_per_epoch
     if start_step > end_step:
         raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
     emit = on_event or (lambda event: None)
-    with _client_for(config, client) as c:
+    with client_for(config, client) as c:
         session = _Session(config, c, splits, plan, run_dir, start_step, end_step, emit)
         return session.run()
 
 
 @contextmanager
-def _client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
+def client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
     if client is not None:
         yield client
         return
@@ -115,7 +115,7 @@ def _client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
         yield started
 
 
-def _prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
+def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
     """Check the run directory against ``resume``; returns the step training starts at."""
     newest = latest_checkpoint(run_dir)
     if not resume:
