@@ -154,7 +154,8 @@ def read_csv(path: str | Path, target_column: str | None = None, classification:
 def store_summary(path: str | Path) -> dict[str, Any]:
     """What a store's attributes say it holds."""
     group = zarr.open_group(str(path), mode="r")
-    return dict(group.attrs.get(ATTRS_KEY, {}))
+    summary = group.attrs.get(ATTRS_KEY, {})
+    return dict(summary) if isinstance(summary, dict) else {}
 
 
 def _load_npy(path: str | Path) -> np.ndarray:

@@ -74,7 +74,7 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
             raise ConfigError(f"model.factory {path!r}: module {module_name!r} has no {attr!r}") from None
     if not callable(target):
         raise ConfigError(f"model.factory {path!r} is not callable")
-    return target  # type: ignore[return-value]
+    return target
 
 
 def build_model(config: ModelConfig, seed: int) -> nn.Module:

@@ -131,8 +131,9 @@ def combine(node: NodeId, picks: list[tuple[int, NodeId, bool]], *sources: Parti
     grads = [sources[i].grads[child] for i, child, _ in picks if child in sources[i].grads]
     stats = StepStats()
     for i, _, take in picks:
-        if take and sources[i].stats is not None:
-            stats = stats + sources[i].stats
+        source_stats = sources[i].stats
+        if take and source_stats is not None:
+            stats = stats + source_stats
     return Partial({node: sum_in_order(grads)} if grads else {}, stats)
 
 

@@ -11,6 +11,7 @@ import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import zarr
@@ -112,8 +113,9 @@ class ChunkReader:
     def __init__(self, info: DatasetInfo) -> None:
         self.info = info
         group = zarr.open_group(info.path, mode="r")
-        self._inputs = group[info.inputs.name]
-        self._targets = group[info.targets.name]
+        # open_dataset checked that both are arrays
+        self._inputs = cast(zarr.Array, group[info.inputs.name])
+        self._targets = cast(zarr.Array, group[info.targets.name])
 
     def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
         return self._read(self._inputs, chunk), self._read(self._targets, chunk)

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
 ruff check pipeline cluster flows tests benchmarks
+mypy
 
 stop_services() { bash scripts/slurm/stop.sh || true; }
 trap stop_services EXIT
