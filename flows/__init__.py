@@ -1,0 +1,71 @@
+"""Prefect flows and deployments of dasktrain: orchestration only, every stage calls ``pipeline``.
+
+Importing this package sets the Prefect defaults dasktrain wants *before* Prefect itself is
+imported (Prefect reads its settings once, at import): no telemetry from the local server or the
+client, and a longer wait for the local temporary server, whose first start on a fresh database
+runs its migrations (about 20-30 s). Values already in the environment win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.errors import DasktrainError
+
+PREFECT_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}
+for _key, _value in PREFECT_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+
+PREFECT_DB = "prefect.db"
+
+
+class PrefectAPIError(DasktrainError):
+    """The Prefect API named by ``PREFECT_API_URL`` cannot be reached."""
+
+
+def check_api(url: str, timeout: float = 5.0) -> None:
+    """Raise :class:`PrefectAPIError` naming ``url`` unless its ``/health`` answers."""
+    import httpx
+
+    health = url.rstrip("/") + "/health"
+    try:
+        response = httpx.get(health, timeout=timeout)
+        response.raise_for_status()
+    except httpx.HTTPError as exc:
+        raise PrefectAPIError(
+            f"PREFECT_API_URL={url} cannot be reached ({health}: {type(exc).__name__}: {exc}); start that "
+            "server (prefect server start), fix the URL, or unset PREFECT_API_URL to use a local database"
+        ) from None
+
+
+@contextmanager
+def prefect_api(db_dir: str | Path) -> Iterator[str]:
+    """Make Prefect report to the server of ``PREFECT_API_URL`` (checked first), or, with none set,
+    to Prefect's local temporary server with its SQLite database in ``db_dir``. Yields the URL, or
+    the database path for the local server."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        check_api(url)
+        yield url
+        return
+    db = Path(db_dir).resolve() / PREFECT_DB
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+        yield str(db)
+
+
+def quiet_run_logs() -> None:
+    """Send flow- and task-run logs to the Prefect API only, not to the terminal (the CLI draws its
+    own progress there); Prefect's own warnings still reach the root logger."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).propagate = False

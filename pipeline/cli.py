@@ -168,15 +168,122 @@ def run(
         int | None, typer.Option(min=1, help="Stop, with a checkpoint, after this many epochs (resume later).")
     ] = None,
 ) -> None:
-    """Train a config on the Dask cluster it names; show progress and an epoch summary."""
+    """Train a config as a Prefect flow run (prepare, train, evaluate, publish) on the Dask cluster
+    it names; show progress and an epoch summary.
+
+    With PREFECT_API_URL set the run is recorded on that server (checked first); without, on
+    Prefect's local temporary server with its database in .prefect/ beside the run directory."""
     from pipeline.config import load_config
-    from pipeline.driver import train
+    from pipeline.driver import RunResult
+    from pipeline.prepare import preflight
 
     with _user_errors():
         cfg = load_config(config, overrides or [])
+        preflight(cfg)  # bad input fails in seconds, before Prefect and the cluster start
+        training = _import_flows()
         with _ProgressView(cfg) as view:
-            result = train(cfg, resume=resume, until_epoch=until_epoch, on_event=view.on_event)
+            summary = training.run_training(config, overrides or [], resume=resume, until_epoch=until_epoch,
+                                            on_event=view.on_event)
+    result = RunResult(Path(cfg.output_dir), summary["steps"], summary["completed"])
     _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])])
+    _print_outputs(summary)
+
+
+def _import_flows() -> Any:
+    """``flows.training``, imported with the terminal kept: Prefect sets up its own logging when
+    imported (its handler on the root logger); the CLI's stays, and flow- and task-run logs go to
+    the Prefect API only unless --verbose."""
+    handlers, level = list(logging.root.handlers), logging.root.level
+    import flows
+    import flows.training
+
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+    if level > logging.INFO:
+        flows.quiet_run_logs()
+    return flows.training
+
+
+def _print_outputs(summary: dict[str, Any]) -> None:
+    evaluation = summary.get("evaluation")
+    if evaluation:
+        scores = "  ".join(f"{k} {_pct(evaluation[k]) if k == 'accuracy' else _num(evaluation[k])}"
+                           for k in ("loss", "accuracy", "error") if k in evaluation)
+        out.print(f"{evaluation['split']} ({evaluation['samples']} samples): {scores}", soft_wrap=True)
+    for label, key in (("predictions", "predictions"), ("curves", "curves"), ("flow run", "flow_run")):
+        if summary.get(key):
+            out.print(f"{label}: {escape(str(summary[key]))}", soft_wrap=True)
+
+
+# -- predict, report, deploy ----------------------------------------------------------------------
+
+
+@app.command()
+def predict(
+    config: Annotated[Path, typer.Argument(help="The run config the model was trained with (model, normalisation, cluster).")],
+    checkpoint: Annotated[Path, typer.Option(help="model.safetensors, a checkpoint directory, or a run directory.")],
+    input_store: Annotated[Path, typer.Option("--input", help="Zarr store with the inputs array.")],
+    output_store: Annotated[Path, typer.Option("--output", help="Zarr store to write (arrays predictions, labels).")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key (repeatable).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output store.")] = False,
+) -> None:
+    """Batch inference from Zarr to Zarr, chunk by chunk on the workers of the config's cluster."""
+    from cluster import open_cluster
+    from pipeline.config import load_config
+    from pipeline.inference import predict as run_predict
+
+    with _user_errors():
+        cfg = load_config(config, overrides or [])
+        with open_cluster(cfg.cluster) as client:
+            written = run_predict(client, cfg, checkpoint, input_store, output_store, overwrite=overwrite)
+    out.print(f"wrote {escape(written['store'])}: {written['samples']} samples in {written['chunks']} chunks, "
+              f"arrays {', '.join(written['arrays'])}", soft_wrap=True)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (holds metrics.jsonl).")],
+    png: Annotated[Path | None, typer.Option("--out", help="Where to write the PNG (default: RUN_DIR/curves.png).")] = None,
+) -> None:
+    """Draw a run's loss and accuracy curves as a PNG (the flow's artifact, without Prefect)."""
+    from pipeline.report import epoch_table, plot_curves
+
+    with _user_errors():
+        path = plot_curves(run_dir, png)
+        rows = epoch_table(run_dir)
+    table = Table(title="epochs", title_justify="left")
+    for name in ("epoch", "train loss", "val loss", "val accuracy"):
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r["epoch"] + 1), _num(r.get("train_loss")), _num(r.get("val_loss")), _pct(r.get("val_accuracy")))
+    out.print(table)
+    out.print(f"curves: {escape(str(path))}", soft_wrap=True)
+
+
+@app.command()
+def deploy(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) the scheduled runs train.")],
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 2 * * *" (every day at 02:00).')] = None,
+    interval: Annotated[float | None, typer.Option(min=1, help="Or: seconds between runs.")] = None,
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the config file's name).")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key (repeatable).")
+    ] = None,
+) -> None:
+    """Serve a scheduled deployment of the training flow on the server of PREFECT_API_URL; stays up
+    and runs the flow on schedule, each run in its own directory under output_dir, until stopped."""
+    if (cron is None) == (interval is None):
+        raise typer.BadParameter("give exactly one of --cron or --interval")
+    from pipeline.config import load_config
+
+    with _user_errors():
+        load_config(config, overrides or [])  # a bad config fails now, not at 02:00
+        _import_flows()
+        from flows.deployments import serve_training
+
+        serve_training(config, name=name, cron=cron, interval=interval, overrides=overrides or [])
 
 
 class _ProgressView:

@@ -52,7 +52,8 @@ def compute_normalization(client: Client, store: str, inputs: str, chunks: Seque
     mean, std = client.compute([x.mean(axis=0, dtype=np.float64), x.std(axis=0, dtype=np.float64)], sync=True)
     stats = Normalization(inputs, np.asarray(mean), np.asarray(std))
     group = zarr.open_group(store, mode="r+")
-    attrs = dict(group.attrs.get(ATTRS_KEY, {}))
+    found = group.attrs.get(ATTRS_KEY)
+    attrs: dict[str, Any] = dict(found) if isinstance(found, dict) else {}
     attrs[NORMALIZATION_KEY] = stats.as_attrs(samples=int(x.shape[0]), chunks=len(chunks))
     group.attrs[ATTRS_KEY] = attrs
     return stats

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a tested tree: set up, lint, start the services the tests
-# use (a one-node SLURM, where this runs as root), run the test suite, stop what it started.
+# use (a local Prefect server; a one-node SLURM, where this runs as root), run the test suite,
+# and stop what it started, by pid, however the tests end.
 # Tests whose service could not be started skip with the reason. Extra arguments go to pytest
 # (e.g. -k resume, -x).
 set -euo pipefail
@@ -10,8 +11,15 @@ source .venv/bin/activate
 ruff check pipeline cluster flows tests benchmarks
 mypy
 
-stop_services() { bash scripts/slurm/stop.sh || true; }
+prefect_dir=$(mktemp -d)
+stop_services() {
+  bash scripts/prefect-server.sh stop "$prefect_dir" || true
+  rm -rf "$prefect_dir"
+  bash scripts/slurm/stop.sh || true
+}
 trap stop_services EXIT
+api_line=$(bash scripts/prefect-server.sh start "$prefect_dir")
+export "$api_line"   # PREFECT_API_URL for the flow and deployment tests
 if [ "$(id -u)" = 0 ] && bash scripts/slurm/start.sh; then
   export SLURM_CONF=${DASKTRAIN_SLURM_DIR:-/tmp/dasktrain-slurm}/slurm.conf
 else

@@ -297,7 +297,8 @@ def test_run_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Pat
 def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--set, --resume and --until-epoch reach train(); every event kind is drawn; a stopped
     run's summary says how to go on."""
-    import pipeline.driver
+    import flows.training
+    import pipeline.prepare
     from pipeline.cli import app
     from pipeline.driver import RunResult
     from pipeline.metrics import MetricsLog
@@ -324,7 +325,14 @@ def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pyt
         on_event({"kind": "end", "completed": False, "steps": 3, "epochs": [epoch]})
         return RunResult(run_dir, 3, False, [epoch])
 
-    monkeypatch.setattr(pipeline.driver, "train", fake_train)
+    def fake_run_training(config_path, overrides, resume=False, until_epoch=None, on_event=None):  # noqa: ANN001, ANN202
+        # `run` runs the Prefect flow, whose stages test_flows.py tests; here only the CLI around it.
+        result = fake_train(load_config(config_path, overrides), resume=resume, until_epoch=until_epoch, on_event=on_event)
+        return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
+                "epochs": result.epochs}
+
+    monkeypatch.setattr(flows.training, "run_training", fake_run_training)
+    monkeypatch.setattr(pipeline.prepare, "preflight", lambda config: None)  # no data/digits.zarr here
     # The app sets up logging and the workers' environment for its process: keep them to this test.
     monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     monkeypatch.setattr(logging.root, "level", logging.root.level)

@@ -1,0 +1,191 @@
+"""The training flow: prepare, train, evaluate, publish, as Prefect tasks over one Dask cluster.
+
+Orchestration only: each stage calls into ``pipeline``. The flow opens the cluster (or connects to
+``cluster.kind: address``) once the prepare stage has read the config, hands its client to the
+stages, and closes it in ``finally``, whichever stage fails. Training steps are never Prefect
+tasks: the train stage is one task around the driver, so Prefect costs a fixed few seconds per
+run, not per step.
+
+Flow parameters must be JSON-serialisable (they are stored with the flow run and a deployment),
+so the config travels as a path or a mapping; the CLI's progress display, which is not, reaches
+the train stage through :data:`EVENT_HOOK`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.runtime import flow_run, task_run
+
+from flows import prefect_api
+from pipeline import driver, inference, report
+from pipeline.checkpoint import latest_checkpoint
+from pipeline.config import RunConfig, load_config, validate_config
+from pipeline.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PlanError
+from pipeline.prepare import prepare_data
+
+EVENT_HOOK: Callable[[driver.Event], None] | None = None
+"""Receives the driver's events during the train stage when set (the CLI's progress display)."""
+
+PREDICTIONS_STORE = "predictions.zarr"
+TRAIN_RETRIES = 2
+
+_NOT_RETRIED = (ConfigError, DataError, PlanError, NonFiniteLossError, CheckpointError)
+"""Errors that a retry would only repeat: bad input, a diverging run, a mismatched checkpoint."""
+
+
+class FlowCluster:
+    """The flow's Dask cluster: opened by the flow on first use, once the config is known, and
+    closed by the flow (a cluster reached by address is only disconnected from)."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self.client: Client | None = None
+
+    def open(self, config: RunConfig) -> Client:
+        if self.client is None:
+            from cluster import open_cluster
+
+            self.client = self._stack.enter_context(open_cluster(config.cluster))
+        return self.client
+
+    def close(self) -> None:
+        self.client = None
+        self._stack.close()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    config: RunConfig
+    facts: dict[str, Any]
+
+
+@task(name="prepare", cache_policy=NONE)
+def prepare(config: str | dict[str, Any], overrides: list[str], cluster: FlowCluster,
+            per_run_output: bool = False) -> Prepared:
+    """Read and validate the config, ingest the store if only its source exists, check the store
+    and model, start the cluster, and compute normalisation statistics on it."""
+    if overrides and not isinstance(config, str):
+        raise ConfigError("overrides apply to a config file; with a mapping, change the mapping")
+    cfg = load_config(config, overrides) if isinstance(config, str) else validate_config(config, source="flow parameter config")
+    if per_run_output:  # a scheduled run retrains from fresh data: its own directory, never a resume
+        label = f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{flow_run.name}"
+        cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / label)})
+    facts = prepare_data(cfg, lambda: cluster.open(cfg))
+    get_run_logger().info("prepared %s: %d samples in %d chunks, %d workers%s", facts["store"], facts["samples"],
+                          facts["chunks"], facts["workers"], ", normalised" if facts["normalized"] else "")
+    return Prepared(cfg, facts)
+
+
+def _worth_retrying(task: Any, run: Any, state: Any) -> bool:
+    return not isinstance(state.result(raise_on_failure=False), _NOT_RETRIED)
+
+
+@task(name="train", cache_policy=NONE, retries=TRAIN_RETRIES, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
+def train(config: RunConfig, client: Client, resume: bool, until_epoch: int | None) -> dict[str, Any]:
+    """The data-parallel driver. A retry goes on from the newest checkpoint that the failed try
+    wrote, so the epochs it finished are not trained again."""
+    retrying = task_run.run_count > 1 and latest_checkpoint(Path(config.output_dir)) is not None
+    if retrying:
+        get_run_logger().warning("try %d: resuming from %s", task_run.run_count, latest_checkpoint(Path(config.output_dir)))
+    result = driver.train(config, client=client, resume=resume or retrying, until_epoch=until_epoch, on_event=EVENT_HOOK)
+    return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
+            "epochs": result.epochs, "tries": task_run.run_count}
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate(config: RunConfig, client: Client) -> dict[str, Any]:
+    """Loss and accuracy (or error) on the test split, chunk-parallel on the workers; predictions
+    for every sample of the test store (or the training store) into the run directory."""
+    run_dir = Path(config.output_dir)
+    model = run_dir / driver.MODEL_FILE
+    result = inference.evaluate(client, config, model, inference.evaluation_split(config))
+    source = config.data.test_store or config.data.store
+    result["predictions"] = inference.predict(client, config, model, source, run_dir / PREDICTIONS_STORE, overwrite=True)
+    get_run_logger().info("evaluation on %s: %s", result["split"],
+                          {k: v for k, v in result.items() if k in ("loss", "accuracy", "error")})
+    return result
+
+
+@task(name="publish", cache_policy=NONE)
+def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any],
+            evaluation: dict[str, Any] | None) -> dict[str, Any]:
+    """The loss curve PNG and evaluation in the run directory; the summary and the epoch table as
+    Prefect artifacts."""
+    run_dir = Path(config.output_dir)
+    epochs = [r for r in report.epoch_table(run_dir)]
+    facts: dict[str, Any] = {
+        **prepared, "config_digest": config.digest(), "run_dir": str(run_dir.resolve()),
+        "epochs": config.train.epochs, "epochs_done": len(epochs), "steps": trained["steps"],
+        "completed": trained["completed"], "train_tries": trained["tries"],
+        "final_epoch": epochs[-1] if epochs else None, "evaluation": evaluation,
+        "metrics": str((run_dir / "metrics.jsonl").resolve()),
+        "model": str((run_dir / driver.MODEL_FILE).resolve()) if trained["completed"] else None,
+        "predictions": evaluation["predictions"]["store"] if evaluation else None,
+        "curves": str(report.plot_curves(run_dir).resolve()),
+        "flow_run": flow_run.name, "flow_run_id": str(flow_run.id),
+    }
+    if evaluation is not None:
+        report.write_evaluation(run_dir, evaluation)
+    name = artifact_key(run_dir)
+    create_markdown_artifact(markdown=report.summary_markdown(facts), key=f"{name}-summary",
+                             description=f"dasktrain run {run_dir}")
+    if epochs:
+        create_table_artifact(table=epochs, key=f"{name}-epochs", description=f"per-epoch metrics of {run_dir}")
+    return facts
+
+
+@flow(name="dasktrain-training")
+def training_flow(config: str | dict[str, Any], overrides: list[str] | None = None, resume: bool = False,
+                  until_epoch: int | None = None, per_run_output: bool = False) -> dict[str, Any]:
+    """Prepare the data, train on a Dask cluster, evaluate and publish; returns the run summary.
+
+    ``config`` is a YAML path (with ``overrides``) or the config as a mapping; ``per_run_output``
+    puts the run in its own directory under ``output_dir`` (scheduled deployments)."""
+    cluster = FlowCluster()
+    try:
+        prepared = prepare(config, list(overrides or []), cluster, per_run_output)
+        cfg, client = prepared.config, cluster.open(prepared.config)
+        trained = train(cfg, client, resume, until_epoch)
+        evaluation = evaluate(cfg, client) if trained["completed"] else None
+        return publish(cfg, prepared.facts, trained, evaluation)
+    finally:
+        cluster.close()
+
+
+def artifact_key(run_dir: Path) -> str:
+    """Prefect artifact keys hold only lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).name.lower()).strip("-") or "run"
+    return f"dasktrain-{slug}"
+
+
+@contextmanager
+def event_hook(hook: Callable[[driver.Event], None] | None) -> Iterator[None]:
+    """Set :data:`EVENT_HOOK` for the block."""
+    global EVENT_HOOK
+    previous, EVENT_HOOK = EVENT_HOOK, hook
+    try:
+        yield
+    finally:
+        EVENT_HOOK = previous
+
+
+def run_training(config: str | Path, overrides: list[str] | None = None, resume: bool = False,
+                 until_epoch: int | None = None, on_event: Callable[[driver.Event], None] | None = None,
+                 db_dir: str | Path | None = None) -> dict[str, Any]:
+    """Run :func:`training_flow` as ``dasktrain run`` does: against ``PREFECT_API_URL`` (checked
+    first), or Prefect's local server with its database in ``db_dir`` (default: the parent of the
+    run's output directory, e.g. ``runs/``)."""
+    if db_dir is None:
+        db_dir = Path(load_config(config, overrides or []).output_dir).resolve().parent / ".prefect"
+    with prefect_api(db_dir), event_hook(on_event):
+        return training_flow(str(config), list(overrides or []), resume, until_epoch)

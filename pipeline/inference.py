@@ -1,0 +1,219 @@
+"""Evaluation and batch inference on the workers, chunk by chunk, from a saved model.
+
+Both submit one task per chunk of the store: the task reads its chunk on the worker, runs the
+model there and returns a few numbers (evaluation) or writes the outputs straight into the
+matching chunk of the output store (prediction). No data and no weights pass through the
+driver: every worker loads ``model.safetensors`` from the shared filesystem, once per process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from distributed import Client
+from safetensors.torch import load_file
+from torch import nn
+from zarr.codecs import ZstdCodec
+
+from pipeline.checkpoint import CHECKPOINTS, latest_checkpoint
+from pipeline.config import RunConfig
+from pipeline.errors import CheckpointError, DataError
+from pipeline.feed import open_reader
+from pipeline.models import build_model
+from pipeline.normalize import read_normalization
+from pipeline.objective import correct_count, loss_sum, prepare_batch
+from pipeline.preflight import resolve_splits
+from pipeline.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset
+
+PREDICTIONS = "predictions"
+LABELS = "labels"
+
+_MODELS: dict[tuple[str, str, int], nn.Module] = {}
+"""Models loaded in this (worker) process, by (model config, weights file, its mtime)."""
+_MODELS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class EvalSplit:
+    """Which samples the evaluate stage scores: a name, the store, and its chunks to use."""
+
+    name: str
+    dataset: DatasetInfo
+    chunks: tuple[Chunk, ...]
+
+
+def evaluation_split(config: RunConfig) -> EvalSplit:
+    """``data.test_store`` when given, else the validation split, else the training chunks."""
+    data = config.data
+    if data.test_store:
+        test = open_dataset(data.test_store, data.inputs, data.targets)
+        return EvalSplit("test", test, test.chunks())
+    splits = resolve_splits(config)
+    if splits.val is not None and splits.val_chunks:
+        return EvalSplit("validation", splits.val, splits.val_chunks)
+    return EvalSplit("train", splits.train, splits.train_chunks)
+
+
+def weights_file(path: str | Path) -> Path:
+    """The ``model.safetensors`` of a file, a checkpoint directory, or a run directory (its final
+    model, else its newest checkpoint's); errors name the path."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    candidates = [path / "model.safetensors"]
+    if (path / CHECKPOINTS).is_dir():
+        newest = latest_checkpoint(path)
+        if newest is not None:
+            candidates.append(newest / "model.safetensors")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise CheckpointError(f"{path} holds no model: no model.safetensors, nor a checkpoint with one")
+
+
+def evaluate(client: Client, config: RunConfig, weights: str | Path, split: EvalSplit) -> dict[str, Any]:
+    """Loss (mean over samples) and accuracy (classification) or RMS error (regression) of the
+    model in ``weights`` on ``split``, one task per chunk on the workers."""
+    path = str(weights_file(weights))
+    token = uuid.uuid4().hex[:8]
+    futures = [client.submit(_evaluate_chunk, config, path, split.dataset, c, key=f"evaluate-{token}-{c.index}")
+               for c in split.chunks]
+    parts = client.gather(futures)
+    count = sum(p["count"] for p in parts)
+    loss = sum(p["loss_sum"] for p in parts) / count if count else float("nan")
+    result: dict[str, Any] = {"split": split.name, "store": split.dataset.path, "samples": count, "loss": loss}
+    if config.loss == "cross_entropy":
+        result["accuracy"] = sum(p["correct"] for p in parts) / count if count else float("nan")
+    else:
+        result["error"] = math.sqrt(loss)
+    return result
+
+
+def predict(client: Client, config: RunConfig, weights: str | Path, input_store: str | Path,
+            output_store: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Run the model on every sample of ``input_store``'s inputs array and write the outputs to
+    ``output_store`` (array ``predictions``, plus ``labels`` for classification), chunk by chunk
+    from the workers. The store is written under a temporary name and renamed into place."""
+    path = str(weights_file(weights))
+    input_store, output_store = str(input_store), Path(output_store)
+    if output_store.exists() and not overwrite:
+        raise DataError(f"{output_store} already exists; pass --overwrite to replace it")
+    samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs)
+    if config.data.normalize:
+        read_normalization(config.data.store, config.data.inputs)  # fail here, naming the store
+    out_shape = _output_shape(config, sample_shape)
+    tmp = output_store.with_name(f".{output_store.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    arrays = {PREDICTIONS: (out_shape, "float32")}
+    if config.loss == "cross_entropy":
+        arrays[LABELS] = ((), "int64")
+    for name, (shape, dtype) in arrays.items():
+        # Chunked like the input along axis 0: each task writes whole chunks, never shared ones.
+        group.create_array(name, shape=(samples, *shape), dtype=dtype, chunks=(chunk_size, *shape),
+                           compressors=ZstdCodec(level=3, checksum=True), config={"write_empty_chunks": True})
+    group.attrs[ATTRS_KEY] = {"samples": samples, "chunk_size": chunk_size, "source": input_store,
+                              "model": path, "arrays": {n: {"dtype": d, "sample_shape": list(s)}
+                                                        for n, (s, d) in arrays.items()}}
+    chunks = [Chunk(i, s, min(s + chunk_size, samples)) for i, s in enumerate(range(0, samples, chunk_size))]
+    token = uuid.uuid4().hex[:8]
+    futures = [client.submit(_predict_chunk, config, path, input_store, str(tmp), c, key=f"predict-{token}-{c.index}")
+               for c in chunks]
+    written = sum(client.gather(futures))
+    if output_store.exists():
+        old = output_store.with_name(f".{output_store.name}.old-{os.getpid()}")
+        os.rename(output_store, old)
+        os.rename(tmp, output_store)
+        shutil.rmtree(old)
+    else:
+        output_store.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, output_store)
+    return {"store": str(output_store), "samples": written, "chunks": len(chunks), "arrays": sorted(arrays)}
+
+
+# -- on the workers --------------------------------------------------------------------------
+
+
+def _model(config: RunConfig, weights: str) -> nn.Module:
+    key = (config.model.model_dump_json(), weights, os.stat(weights).st_mtime_ns)
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = build_model(config.model, config.train.seed)
+            model.load_state_dict(load_file(weights))
+            model.eval()
+            _MODELS.clear()  # one model at a time per process: a new run's replaces the last
+            _MODELS[key] = model
+    return model
+
+
+def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk: Chunk) -> dict[str, float]:
+    x_np, y_np = open_reader(dataset, config.data).read(chunk)
+    x, y = prepare_batch(config.loss, torch.from_numpy(x_np), torch.from_numpy(y_np))
+    with torch.no_grad():
+        out = _model(config, weights)(x)
+        return {"loss_sum": float(loss_sum(config.loss, out, y)), "correct": correct_count(config.loss, out, y),
+                "count": len(x)}
+
+
+def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_store: str, chunk: Chunk) -> int:
+    inputs = _array(zarr.open_group(input_store, mode="r"), config.data.inputs)
+    x_np = np.asarray(inputs[chunk.start : chunk.stop])
+    if config.data.normalize:
+        x_np = read_normalization(config.data.store, config.data.inputs).apply(x_np)
+    x = torch.from_numpy(x_np).to(torch.get_default_dtype())
+    with torch.no_grad():
+        out = _model(config, weights)(x)
+    group = zarr.open_group(output_store, mode="r+")
+    _array(group, PREDICTIONS)[chunk.start : chunk.stop] = out.numpy().astype(np.float32)
+    if LABELS in group:
+        _array(group, LABELS)[chunk.start : chunk.stop] = out.argmax(dim=1).numpy().astype(np.int64)
+    return len(x)
+
+
+def _array(group: zarr.Group, name: str) -> zarr.Array:
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise DataError(f"'{name}' in store {group.store_path} is a group, not an array")
+    return arr
+
+
+# -- on the driver ---------------------------------------------------------------------------
+
+
+def _inputs_layout(store: str, name: str) -> tuple[int, int, tuple[int, ...]]:
+    """Samples, chunk size along axis 0 and sample shape of one array; errors name the store."""
+    if not Path(store).exists():
+        raise DataError(f"input store {store} does not exist")
+    try:
+        group = zarr.open_group(store, mode="r")
+    except Exception as exc:  # zarr raises several types for a non-group path
+        raise DataError(f"{store} is not a readable Zarr group: {exc}") from None
+    if name not in group:
+        raise DataError(f"store {store} has no array '{name}' (arrays present: {sorted(group.array_keys())})")
+    arr = _array(group, name)
+    if arr.ndim < 1 or arr.shape[0] == 0:
+        raise DataError(f"array '{name}' in store {store} holds no samples along axis 0")
+    return int(arr.shape[0]), int(arr.chunks[0]), tuple(arr.shape[1:])
+
+
+def _output_shape(config: RunConfig, sample_shape: Sequence[int]) -> tuple[int, ...]:
+    """Per-sample output shape, found on the ``meta`` device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = build_model(config.model, config.train.seed)
+        try:
+            out = model(torch.empty((2, *sample_shape)))
+        except Exception as exc:
+            raise DataError(f"model {config.model.factory} cannot take inputs of shape {tuple(sample_shape)}: {exc}") from None
+    return tuple(out.shape[1:])

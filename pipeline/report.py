@@ -1,0 +1,113 @@
+"""A run's report from its run directory: loss/accuracy curves as a PNG, and the summary and
+per-epoch table that the flow publishes as Prefect artifacts. Plain files in, plain files out:
+``dasktrain report RUN_DIR`` makes the same PNG without Prefect."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import DataError
+from pipeline.metrics import METRICS_FILE, read_metrics
+
+CURVES_FILE = "curves.png"
+EVALUATION_FILE = "evaluation.json"
+
+EPOCH_COLUMNS = ("epoch", "end_step", "samples", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
+                 "samples_per_s", "time_s")
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the loss (per step and per epoch) and accuracy (per epoch) curves of a run as a PNG."""
+    # The object API with the Agg canvas: no pyplot global state, no display needed.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    records = _records(run_dir)
+    steps = [r for r in records if r.get("kind") == "step" and not r.get("skipped")]
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    if steps:
+        loss_ax.plot([r["global_step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.5,
+                     label="train loss (step)")
+    for key, label in (("train_loss", "train loss (epoch)"), ("val_loss", "validation loss")):
+        points = [(r["end_step"], r[key]) for r in epochs if r.get(key) is not None]
+        if points:
+            loss_ax.plot(*zip(*points), marker="o", label=label)
+    loss_ax.set(title="loss", xlabel="global step", ylabel="loss")
+    for key, label in (("train_accuracy", "train"), ("val_accuracy", "validation")):
+        points = [(r["epoch"] + 1, r[key]) for r in epochs if r.get(key) is not None]
+        if points:
+            acc_ax.plot(*zip(*points), marker="o", label=label)
+    acc_ax.set(title="accuracy", xlabel="epoch", ylabel="accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    path = Path(out) if out is not None else run_dir / CURVES_FILE
+    fig.savefig(path)
+    return path
+
+
+def epoch_table(run_dir: str | Path) -> list[dict[str, Any]]:
+    """One row per epoch record of ``metrics.jsonl`` (the columns of :data:`EPOCH_COLUMNS` it has)."""
+    epochs = [r for r in _records(Path(run_dir)) if r.get("kind") == "epoch"]
+    columns = [c for c in EPOCH_COLUMNS if any(c in r for r in epochs)]
+    return [{c: _round(r.get(c)) for c in columns} for r in epochs]
+
+
+def summary_markdown(facts: dict[str, Any]) -> str:
+    """The run summary: config digest, dataset, workers, epochs, final metrics, run directory, curves."""
+    run_dir = Path(facts["run_dir"]).resolve()
+    lines = [
+        f"# dasktrain run `{run_dir.name}`",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| config digest | `{facts['config_digest']}` |",
+        f"| dataset | `{facts['store']}`: {facts['samples']} samples in {facts['chunks']} chunks |",
+        f"| workers | {facts['workers']} |",
+        f"| epochs | {facts['epochs_done']} of {facts['epochs']} ({facts['steps']} steps) |",
+        f"| completed | {'yes' if facts['completed'] else 'no'} |",
+        f"| run directory | `{run_dir}` |",
+    ]
+    final = facts.get("final_epoch") or {}
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        if final.get(key) is not None:
+            lines.append(f"| final {key.replace('_', ' ')} | {final[key]:.4f} |")
+    evaluation = facts.get("evaluation") or {}
+    for key in ("loss", "accuracy", "error"):
+        if key in evaluation:
+            lines.append(f"| {evaluation['split']} {key} ({evaluation['samples']} samples) | {evaluation[key]:.4f} |")
+    for label, key in (("model", "model"), ("predictions", "predictions"), ("metrics", "metrics")):
+        if facts.get(key):
+            lines.append(f"| {label} | `{facts[key]}` |")
+    curves = Path(facts["curves"]).resolve() if facts.get("curves") else None
+    if curves is not None:
+        lines += ["", f"Loss and accuracy curves: [{curves.name}]({curves.as_uri()}) (`{curves}`)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(run_dir: str | Path, evaluation: dict[str, Any]) -> Path:
+    path = Path(run_dir) / EVALUATION_FILE
+    path.write_text(json.dumps(evaluation, indent=1))
+    return path
+
+
+def _records(run_dir: Path) -> list[dict[str, Any]]:
+    if not (run_dir / METRICS_FILE).is_file():
+        raise DataError(f"{run_dir} holds no {METRICS_FILE}: not a run directory, or the run has not started")
+    return read_metrics(run_dir)
+
+
+def _round(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value):
+        return round(value, 6)
+    return value

@@ -1,0 +1,35 @@
+"""A model that raises once in a worker, at its Nth forward pass, while a flag file is armed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from pipeline.models import mlp
+
+_CALLS: dict[str, int] = {}
+
+
+class FailOnceIfArmed(nn.Module):
+    def __init__(self, flag: str, after: int) -> None:
+        super().__init__()
+        self.flag = flag
+        self.after = after
+
+    def forward(self, x):
+        if not self.training:  # count training forward passes only
+            return x
+        _CALLS[self.flag] = _CALLS.get(self.flag, 0) + 1
+        if _CALLS[self.flag] >= self.after and Path(self.flag).exists():
+            try:  # the first process to rename the flag disarms it and fails; the rest go on
+                os.rename(self.flag, self.flag + ".fired")
+            except FileNotFoundError:
+                return x
+            raise RuntimeError(f"injected fault in process {os.getpid()} at forward pass {_CALLS[self.flag]}")
+        return x
+
+
+def faulty_mlp(flag: str, after: int, **kwargs) -> nn.Sequential:
+    return nn.Sequential(FailOnceIfArmed(flag, after), *mlp(**kwargs))
