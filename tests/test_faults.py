@@ -100,6 +100,9 @@ def test_deterministic_bitwise_after_kill_and_after_join(store, tmp_path):
         def grow(event):
             if event["kind"] == "step" and event["global_step"] == 8 and len(cluster.workers) == 1:
                 cluster.scale(2)
+                # Hold the driver until the worker is up, so the join happens mid-run however
+                # slowly the machine starts a process.
+                client.wait_for_workers(2, timeout=60)
 
         train(joined_cfg, client=client, on_event=grow)
     events = regroups(tmp_path / "joined")
