@@ -28,7 +28,7 @@ from pipeline.errors import CheckpointError, ClusterError, DasktrainError
 from pipeline.metrics import MetricsLog
 from pipeline.objective import lr_at
 from pipeline.plan import SamplingPlan
-from pipeline.preflight import DataSplits, build_plan, check_model_fits, resolve_splits
+from pipeline.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
 from pipeline.reduce import NodeId, ReductionTree, default_fan_in, submit_tree, summarize
 from pipeline.replica import (
     ReplicaSpec,
@@ -86,12 +86,8 @@ def train(
     splits = resolve_splits(config)
     plan = build_plan(config, splits)
     check_model_fits(config, splits.train)
-    asked = config.cluster.workers
-    if client is None and asked is not None and asked > config.train.shards:  # say so before starting it
-        raise ClusterError(
-            f"cluster.workers={asked} is more than train.shards={config.train.shards} "
-            "(each worker streams at least one shard); raise train.shards or use fewer workers"
-        )
+    if client is None:
+        check_workers_fit(config)  # say so before starting the cluster
     run_dir = Path(config.output_dir)
     start_step = prepare_run_dir(config, run_dir, resume)
     stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)

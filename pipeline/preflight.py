@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.errors import ShapeMismatchError
+from pipeline.errors import ClusterError, ShapeMismatchError
 from pipeline.models import build_model
 from pipeline.plan import SamplingPlan, split_validation
 from pipeline.store import Chunk, DatasetInfo, open_dataset
@@ -53,6 +53,16 @@ def resolve_splits(config: RunConfig) -> DataSplits:
 def build_plan(config: RunConfig, splits: DataSplits) -> SamplingPlan:
     t = config.train
     return SamplingPlan(splits.train_chunks, t.shards, t.batch_size, t.seed, config.data.shuffle_window)
+
+
+def check_workers_fit(config: RunConfig) -> None:
+    """Raise :class:`ClusterError` if the spec asks for more data-parallel workers than shards."""
+    asked = config.cluster.workers
+    if config.parallel.pipeline == 1 and asked is not None and asked > config.train.shards:
+        raise ClusterError(
+            f"cluster.workers={asked} is more than train.shards={config.train.shards} "
+            "(each worker streams at least one shard); raise train.shards or use fewer workers"
+        )
 
 
 def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:

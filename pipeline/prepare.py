@@ -11,9 +11,9 @@ from distributed import Client
 
 from pipeline import ingest
 from pipeline.config import DataConfig, RunConfig
-from pipeline.errors import ClusterError, ConfigError, DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.normalize import compute_normalization
-from pipeline.preflight import DataSplits, build_plan, check_model_fits, resolve_splits
+from pipeline.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
 
 
 def ensure_store(data: DataConfig) -> bool:
@@ -41,12 +41,7 @@ def check_run(config: RunConfig) -> DataSplits:
     splits = resolve_splits(config)
     build_plan(config, splits)
     check_model_fits(config, splits.train)
-    asked = config.cluster.workers
-    if config.parallel.pipeline == 1 and asked is not None and asked > config.train.shards:  # before starting it
-        raise ClusterError(
-            f"cluster.workers={asked} is more than train.shards={config.train.shards} "
-            "(each worker streams at least one shard); raise train.shards or use fewer workers"
-        )
+    check_workers_fit(config)  # before any cluster is started
     return splits
 
 
