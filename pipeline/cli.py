@@ -299,6 +299,7 @@ class _ProgressView:
             TextColumn("step {task.fields[step]}"),
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[rate]} samples/s"),
+            TextColumn("{task.fields[pipeline]}"),
             TextColumn("ETA"),
             TimeRemainingColumn(),
             console=out,
@@ -328,6 +329,7 @@ class _ProgressView:
                 step=f"{event['step'] + 1}/{self.steps_per_epoch}",
                 loss="skipped (not finite)" if event.get("skipped") else f"{event['loss']:.4f}",
                 rate=f"{self.rate:,.0f}",
+                pipeline=_pipeline_text(event),
             )
         elif kind == "epoch":
             self.progress.console.print(_epoch_line(event, self.epochs), soft_wrap=True)
@@ -353,8 +355,17 @@ class _ProgressView:
         epoch = start // self.steps_per_epoch
         self.task = self.progress.add_task(
             f"epoch {epoch + 1}/{self.epochs}", total=end, completed=start,
-            step=f"-/{self.steps_per_epoch}", loss="-", rate="-",
+            step=f"-/{self.steps_per_epoch}", loss="-", rate="-", pipeline="",
         )
+
+
+def _pipeline_text(event: Event) -> str:
+    """Pipeline-parallel steps: measured efficiency against the schedule's bound m/(m+P-1),
+    and each stage's busy time."""
+    if "pipeline_efficiency" not in event:
+        return ""
+    busy = "/".join(f"{1e3 * b:.0f}" for b in event.get("stage_busy_s", []))
+    return f"pipe {event['pipeline_efficiency']:.0%}/{event['efficiency_bound']:.0%} busy {busy}ms"
 
 
 def _epoch_line(record: dict[str, Any], epochs: int) -> str:
