@@ -79,7 +79,7 @@ def train_pipeline(
     if not layout.named:
         check_model_fits(config, splits.train)
     par = config.parallel
-    precision = getattr(config.train, "precision", "fp32")
+    precision = config.train.precision
     if precision != "fp32":
         raise ConfigError(
             f"train.precision={precision} is not supported with parallel.pipeline={par.pipeline} yet; "
