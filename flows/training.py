@@ -8,8 +8,7 @@ run, not per step.
 
 Flow parameters must be JSON-serialisable (they are stored with the flow run and a deployment),
 so the config travels as a path or a mapping; the CLI's progress display, which is not, reaches
-the train stage through the context variable :data:`EVENT_HOOK` (Prefect runs tasks in a copy of
-the caller's context, so the hook reaches them without any module state).
+the train stage through :data:`EVENT_HOOK`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +33,7 @@ from pipeline.config import RunConfig, load_config, validate_config
 from pipeline.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PlanError
 from pipeline.prepare import prepare_data
 
-EVENT_HOOK: ContextVar[Callable[[driver.Event], None] | None] = ContextVar("dasktrain_event_hook", default=None)
+EVENT_HOOK: Callable[[driver.Event], None] | None = None
 """Receives the driver's events during the train stage when set (the CLI's progress display)."""
 
 PREDICTIONS_STORE = "predictions.zarr"
@@ -99,7 +97,7 @@ def train(config: RunConfig, client: Client, resume: bool, until_epoch: int | No
     retrying = task_run.run_count > 1 and latest_checkpoint(Path(config.output_dir)) is not None
     if retrying:
         get_run_logger().warning("try %d: resuming from %s", task_run.run_count, latest_checkpoint(Path(config.output_dir)))
-    result = driver.train(config, client=client, resume=resume or retrying, until_epoch=until_epoch, on_event=EVENT_HOOK.get())
+    result = driver.train(config, client=client, resume=resume or retrying, until_epoch=until_epoch, on_event=EVENT_HOOK)
     return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
             "epochs": result.epochs, "tries": task_run.run_count}
 
@@ -173,11 +171,12 @@ def artifact_key(run_dir: Path) -> str:
 @contextmanager
 def event_hook(hook: Callable[[driver.Event], None] | None) -> Iterator[None]:
     """Set :data:`EVENT_HOOK` for the block."""
-    token = EVENT_HOOK.set(hook)
+    global EVENT_HOOK
+    previous, EVENT_HOOK = EVENT_HOOK, hook
     try:
         yield
     finally:
-        EVENT_HOOK.reset(token)
+        EVENT_HOOK = previous
 
 
 def run_training(config: str | Path, overrides: list[str] | None = None, resume: bool = False,
