@@ -34,7 +34,7 @@ from pipeline.models import build_model
 from pipeline.normalize import read_normalization
 from pipeline.objective import correct_count, loss_sum, prepare_batch
 from pipeline.preflight import resolve_splits
-from pipeline.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset
+from pipeline.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -131,14 +131,7 @@ def predict(client: Client, config: RunConfig, weights: str | Path, input_store:
     futures = [client.submit(_predict_chunk, config, path, input_store, str(tmp), c, key=f"predict-{token}-{c.index}")
                for c in chunks]
     written = sum(client.gather(futures))
-    if output_store.exists():
-        old = output_store.with_name(f".{output_store.name}.old-{os.getpid()}")
-        os.rename(output_store, old)
-        os.rename(tmp, output_store)
-        shutil.rmtree(old)
-    else:
-        output_store.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, output_store)
+    replace_store(tmp, output_store)
     return {"store": str(output_store), "samples": written, "chunks": len(chunks), "arrays": sorted(arrays)}
 
 
@@ -194,12 +187,7 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
 
 def _inputs_layout(store: str, name: str) -> tuple[int, int, tuple[int, ...]]:
     """Samples, chunk size along axis 0 and sample shape of one array; errors name the store."""
-    if not Path(store).exists():
-        raise DataError(f"input store {store} does not exist")
-    try:
-        group = zarr.open_group(store, mode="r")
-    except Exception as exc:  # zarr raises several types for a non-group path
-        raise DataError(f"{store} is not a readable Zarr group: {exc}") from None
+    group = open_group(store, what="input store")
     if name not in group:
         raise DataError(f"store {store} has no array '{name}' (arrays present: {sorted(group.array_keys())})")
     arr = _array(group, name)

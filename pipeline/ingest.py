@@ -20,7 +20,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from pipeline.errors import DataError
-from pipeline.store import ATTRS_KEY
+from pipeline.store import ATTRS_KEY, replace_store
 
 EXAMPLES = ("digits",)
 
@@ -62,14 +62,7 @@ def write_store(
         "arrays": {name: {"dtype": str(a.dtype), "sample_shape": list(a.shape[1:])} for name, a in arrays.items()},
         "source": source,
     }
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, path)
+    replace_store(tmp, path)
     return path
 
 

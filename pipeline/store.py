@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -60,15 +62,32 @@ class DatasetInfo:
         return tuple(Chunk(i, s, min(s + self.chunk_size, self.samples)) for i, s in enumerate(starts))
 
 
+def open_group(path: str, what: str = "dataset store") -> zarr.Group:
+    """Open a store's group read-only; errors say which store is missing or unreadable."""
+    if not Path(path).exists():
+        raise DataError(f"{what} {path} does not exist (write one with `dasktrain ingest`)")
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as exc:  # zarr raises several types for a non-group path
+        raise DataError(f"{path} is not a readable Zarr group: {exc}") from None
+
+
+def replace_store(tmp: Path, final: Path) -> None:
+    """Move a store written under a temporary name into place, replacing any old one whole."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, final)
+
+
 def open_dataset(path: str | Path, inputs: str, targets: str) -> DatasetInfo:
     """Open a store and check that it can feed training; errors name the store and the array."""
     path = str(path)
-    if not Path(path).exists():
-        raise DataError(f"dataset store {path} does not exist (write one with `dasktrain ingest`)")
-    try:
-        group = zarr.open_group(path, mode="r")
-    except Exception as exc:  # zarr raises several types for a non-group path
-        raise DataError(f"{path} is not a readable Zarr group: {exc}") from None
+    group = open_group(path)
     specs = []
     lengths = {}
     chunkings = {}
