@@ -7,7 +7,9 @@ workers, after a resume, and in the single-process reference loop.
 Per epoch:
 
 1. the training chunks are permuted with a generator seeded by ``(seed, epoch)`` and dealt
-   round-robin into ``shards`` logical shards;
+   round-robin into ``shards`` logical shards (with ``deal_once``, as for a worker-side chunk
+   cache, they are dealt by the epoch-0 permutation for the whole run, and each shard permutes
+   its own chunks, seeded by ``(seed, epoch, shard)``, from epoch 1 on);
 2. each shard streams its chunks in that order through a shuffle buffer of ``shuffle_window``
    chunks: the samples of each window of consecutive chunks are permuted together;
 3. the epoch has ``ceil(N / batch_size)`` steps; step ``k`` takes the first ``min((k+1)B, N)``
@@ -110,6 +112,7 @@ class SamplingPlan:
         batch_size: int,
         seed: int,
         shuffle_window: int = 2,
+        deal_once: bool = False,
     ) -> None:
         if len(chunks) < shards:
             raise PlanError(
@@ -121,17 +124,19 @@ class SamplingPlan:
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle_window = shuffle_window
+        self.deal_once = deal_once
         self.samples = sum(c.size for c in self.chunks)
         self.steps_per_epoch = math.ceil(self.samples / batch_size)
         self.epoch = lru_cache(maxsize=4)(self._build_epoch)
 
     def _build_epoch(self, epoch: int) -> EpochPlan:
         """The plan of ``epoch`` (cached: workers ask for the same epoch every step)."""
-        rng = np.random.default_rng([self.seed, epoch, 0])
-        perm = rng.permutation(len(self.chunks))
+        perm = np.random.default_rng([self.seed, 0 if self.deal_once else epoch, 0]).permutation(len(self.chunks))
         windows = []
         for shard in range(self.shards):
             mine = [self.chunks[i] for i in perm[shard :: self.shards]]
+            if self.deal_once and epoch > 0:  # same chunks per shard, a new order every epoch
+                mine = [mine[i] for i in np.random.default_rng([self.seed, epoch, 2, shard]).permutation(len(mine))]
             shard_windows = []
             for w, first in enumerate(range(0, len(mine), self.shuffle_window)):
                 group = tuple(mine[first : first + self.shuffle_window])

@@ -51,8 +51,14 @@ def resolve_splits(config: RunConfig) -> DataSplits:
 
 
 def build_plan(config: RunConfig, splits: DataSplits) -> SamplingPlan:
+    return plan_for(config, splits.train_chunks)
+
+
+def plan_for(config: RunConfig, train_chunks: tuple[Chunk, ...]) -> SamplingPlan:
+    """The sampling plan a config gives over its training chunks (driver, replicas, reference)."""
     t = config.train
-    return SamplingPlan(splits.train_chunks, t.shards, t.batch_size, t.seed, config.data.shuffle_window)
+    return SamplingPlan(train_chunks, t.shards, t.batch_size, t.seed, config.data.shuffle_window,
+                        deal_once=config.data.cache)
 
 
 def check_workers_fit(config: RunConfig) -> None:

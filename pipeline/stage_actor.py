@@ -48,6 +48,7 @@ from pipeline.errors import CheckpointError, ClusterError, DasktrainError, DataE
 from pipeline.normalize import Normalization, read_normalization
 from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
 from pipeline.plan import SamplingPlan
+from pipeline.preflight import plan_for
 from pipeline.reduce import sum_in_order
 from pipeline.stages import build_layers, full_key, local_key, stage_module
 from pipeline.store import Chunk, DatasetInfo
@@ -133,8 +134,7 @@ class PipelineStage:
         self.optimizer = build_optimizer(cfg.optimizer, self.params) if self.params else None
         if spec.resume_from:
             self._load(Path(spec.resume_from))
-        self.plan = SamplingPlan(spec.train_chunks, cfg.train.shards, cfg.train.batch_size,
-                                 cfg.train.seed, cfg.data.shuffle_window)
+        self.plan = plan_for(cfg, spec.train_chunks)
         # Only the ends of the pipeline touch the store: inputs at the first, targets at the last.
         norm = read_normalization(cfg.data.store, cfg.data.inputs) if self.first and cfg.data.normalize else None
         self.inputs = _Samples(spec.dataset, spec.dataset.inputs.name, norm) if self.first else None
