@@ -63,6 +63,12 @@ class DataConfig(_Frozen):
     ``example:digits``, an ``.npz`` file (arrays ``inputs``, ``targets``) or a ``.csv`` file (last column the target)."""
     source_chunk_size: int = Field(default=1024, ge=1)
     """Samples per chunk of a store ingested from ``source``."""
+    cache: bool = False
+    """Keep each worker's decoded training chunks in its memory after their first read (on its GPU
+    when it has one and they fit), so the store is read once per run. The chunks are then dealt to
+    shards once per run, not once per epoch; each shard still reshuffles its chunks every epoch."""
+    cache_limit_gib: float = Field(default=4.0, gt=0)
+    """Most host memory a worker's chunk cache may hold; chunks beyond it are read again each epoch."""
 
 
 class ModelConfig(_Frozen):
@@ -133,6 +139,24 @@ class TrainConfig(_Frozen):
     """Seconds a step may take before the workers that have not answered are treated as lost."""
     ledger: bool = False
     """Record which samples every applied step used (``ledger/`` in the run directory), to audit exactly-once use."""
+    reduce: Literal["tree", "collective"] = "tree"
+    """How gradients are summed: ``tree``, by Dask tasks (elastic: survives lost and added workers);
+    ``collective``, by a torch.distributed all-reduce (gloo on CPU, NCCL on GPU) among the workers,
+    inside one Dask task per worker that runs many steps: faster, for a cluster that does not change."""
+    accumulate: int = Field(default=1, ge=1)
+    """Micro-batches each worker splits its part of a step into, run one after the other before the
+    gradients are summed: the same update as one pass, with the activations of 1/K of the samples."""
+    grad_transfer: Literal["fp32", "bf16"] = "fp32"
+    """Dtype gradients travel in between Dask tasks (``reduce: tree``): ``bf16`` halves the bytes
+    moved; every sum is still taken in fp32, and the optimizer sees fp32."""
+
+    @model_validator(mode="after")
+    def _reduce_options(self) -> TrainConfig:
+        if self.reduce == "collective" and self.deterministic:
+            raise ValueError("deterministic: true needs reduce: tree (an all-reduce does not fix the order of its sums)")
+        if self.reduce == "collective" and self.grad_transfer != "fp32":
+            raise ValueError("grad_transfer: bf16 applies to reduce: tree only; the collective all-reduce sums in fp32")
+        return self
 
 
 ClusterKind = Literal["local", "local-cuda", "slurm", "pbs", "sge", "lsf", "address"]

@@ -23,13 +23,14 @@ import numpy as np
 from distributed import Client, Future
 
 from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_model
+from pipeline.collective import SegmentEnd, join_group, open_rendezvous, run_segment
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ClusterError, DasktrainError
 from pipeline.metrics import MetricsLog
 from pipeline.objective import lr_at
 from pipeline.plan import SamplingPlan
 from pipeline.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
-from pipeline.reduce import NodeId, ReductionTree, default_fan_in, submit_tree, summarize
+from pipeline.reduce import NodeId, ReductionTree, StepStats, default_fan_in, submit_tree, summarize
 from pipeline.replica import (
     ReplicaSpec,
     StepActions,
@@ -163,6 +164,8 @@ class _InFlight:
     stats: Future
     tasks: list[Future]
     apply_only: bool = False
+    steps: int = 1
+    """Steps the tasks run (more than one for a segment of ``reduce: collective``)."""
 
 
 class _WorkersChanged(Exception):
@@ -185,6 +188,8 @@ class _Session:
 
     MEMBERSHIP_POLL_S = 0.5
     LINEAGE_STEPS = 64
+    SEGMENT_S = 2.0
+    """``reduce: collective``: seconds of training one segment task aims at (progress arrives per segment)."""
 
     def __init__(self, config: RunConfig, client: Client, splits: DataSplits, plan: SamplingPlan,
                  run_dir: Path, start_step: int, end_step: int, emit: Callable[[Event], None]) -> None:
@@ -251,10 +256,11 @@ class _Session:
         self.metrics = metrics
         t = self.start_step
         regroups = 0
+        run_from = self._run_segments if self.config.train.reduce == "collective" else self._run_steps
         while True:
             pending: deque[_InFlight] = deque()
             try:
-                self._run_steps(t, pending)
+                run_from(t, pending)
                 return self.epochs
             except _WorkersChanged as change:
                 regroups += 1
@@ -304,8 +310,90 @@ class _Session:
                 if joined and len(self.workers) < self.config.train.shards:
                     raise _WorkersChanged(f"workers joined: {sorted(joined)}")
 
-    def _record(self, t: int, stats: dict[str, Any], apply_only: bool = False) -> None:
-        """Write the metrics of step ``t`` (and of the epoch it closes), once per step."""
+    def _run_segments(self, t: int, pending: deque[_InFlight]) -> None:
+        """``reduce: collective``: run from step ``t`` to the end in segments of many steps, one
+        task per worker each, the next segment queued behind the one running."""
+        after: list[Future] | None = None
+        submitted = t
+        length = 4  # until step times are known
+        while True:
+            while submitted < self.end_step and len(pending) < 2:
+                stop = self._segment_stop(submitted, length)
+                entry = self._submit_segment(submitted, stop, after)
+                pending.append(entry)
+                after, submitted = entry.tasks, stop
+            if not pending:
+                return
+            entry = pending[0]
+            result = self._wait_segment(entry)
+            pending.popleft()
+            for i, stats in enumerate(result["steps"]):
+                self._record(entry.step + i, stats, step_time=stats["step_time_s"])
+            stop = entry.step + len(result["steps"])
+            if stop % self.plan.steps_per_epoch == 0:  # the epoch closes, with its validation
+                self._record(stop, {**StepStats().as_dict(), **(result["val"] or {})}, apply_only=True)
+            times = [s["step_time_s"] for s in result["steps"]]
+            length = max(1, min(self.LINEAGE_STEPS, round(self.SEGMENT_S * len(times) / max(sum(times), 1e-6))))
+
+    def _segment_stop(self, start: int, length: int) -> int:
+        """Where a segment from ``start`` ends: after ``length`` steps, or at the next epoch
+        boundary, checkpoint or end, whichever comes first (those happen between segments)."""
+        spe = self.plan.steps_per_epoch
+        stop = min(start + length, self.end_step, (start // spe + 1) * spe)
+        every = self.config.checkpoint.every_steps
+        if every > 0:
+            stop = min(stop, (start // every + 1) * every)
+        return stop
+
+    def _submit_segment(self, start: int, stop: int, after: list[Future] | None) -> _InFlight:
+        spe = self.plan.steps_per_epoch
+        every = self.config.checkpoint.every_steps
+        boundary = stop % spe == 0 or stop == self.end_step
+        checkpoint = boundary or (every > 0 and stop % every == 0)
+        tasks = []
+        for w, addr in enumerate(self.workers):
+            end = SegmentEnd(validate=boundary, checkpoint=self._checkpoint_meta(stop) if checkpoint and w == 0 else None)
+            tasks.append(self.client.submit(
+                run_segment, self.run_id, start, stop, end, after[w] if after else None,
+                workers=[addr], allow_other_workers=False,
+                key=f"{self.run_id}-g{self.generation}-segment-{start}-{stop}-w{w}"))
+        return _InFlight(start, tasks[0], tasks[0], tasks, steps=stop - start)
+
+    def _wait_segment(self, entry: _InFlight) -> dict[str, Any]:
+        """A segment's result (rank 0's); on failure, the error of the rank where it began."""
+        try:
+            return self._wait(entry)
+        except _WorkersChanged:
+            raise
+        except Exception as exc:
+            if "on another worker" not in str(exc):
+                raise
+            for task in entry.tasks[1:]:
+                try:
+                    task.result(timeout=30)
+                except Exception as cause:
+                    if "on another worker" not in str(cause):
+                        raise cause from None
+            raise
+
+    def _form_group(self) -> None:
+        """``reduce: collective``: rendezvous through the scheduler and build the process group."""
+        timeout = self.config.train.step_timeout
+        tag = f"{self.run_id}-g{self.generation}"
+        master = self.client.submit(open_rendezvous, self.run_id, self.generation, timeout,
+                                    workers=[self.workers[0]], allow_other_workers=False,
+                                    key=f"{tag}-rendezvous").result()
+        joined = [self.client.submit(join_group, self.run_id, self.generation, rank, len(self.workers), master,
+                                     timeout, workers=[addr], allow_other_workers=False, key=f"{tag}-join-{rank}")
+                  for rank, addr in enumerate(self.workers)]
+        for info in self.client.gather(joined):
+            log.info("process group joined: %s", info)
+
+    def _record(self, t: int, stats: dict[str, Any], apply_only: bool = False, step_time: float | None = None) -> None:
+        """Write the metrics of step ``t`` (and of the epoch it closes), once per step.
+
+        ``step_time`` is the step's duration measured where it ran; by default, the time since
+        the last step was recorded here."""
         if t < self.recorded:
             return  # a step recomputed after a regroup: its metrics are already written
         if apply_only:  # the update before step t, and the epoch it closes; step t comes next
@@ -318,7 +406,8 @@ class _Session:
             return
         self.recorded = t + 1
         now = time.perf_counter()
-        step_time, self.last_record_time = now - self.last_record_time, now
+        since_last, self.last_record_time = now - self.last_record_time, now
+        step_time = since_last if step_time is None else step_time
         spe = self.plan.steps_per_epoch
         if t % spe == 0 and t > self.start_step and self.epoch_closed != t:
             record = self.epoch_acc.close(t // spe - 1, t, stats, self.config.loss)
@@ -332,9 +421,9 @@ class _Session:
             self.emit(record)
 
     def _wait(self, entry: _InFlight) -> dict[str, Any]:
-        """The stats of a step, watching for lost workers and stragglers while waiting."""
+        """The stats of a step (or segment), watching for lost workers and stragglers while waiting."""
         timeout = self.config.train.step_timeout
-        deadline = time.monotonic() + timeout if timeout else None
+        deadline = time.monotonic() + timeout * entry.steps if timeout else None
         while True:
             try:
                 return entry.stats.result(timeout=self.MEMBERSHIP_POLL_S)
@@ -403,6 +492,8 @@ class _Session:
             "data_wait_s": stats["data_wait_s"], "compute_s": stats["compute_s"],
             "generation": self.generation, "workers": len(self.workers),
         }
+        if "reduce_s" in stats:  # reduce: collective measures its all-reduces on the workers
+            record["reduce_s"] = stats["reduce_s"]
         if stats["nonfinite"]:
             record["skipped"] = True
             log.warning("step %d had a non-finite loss on %d shard(s): update skipped", t, stats["nonfinite"])
@@ -435,6 +526,8 @@ class _Session:
                 key=f"{self.run_id}-g{self.generation}-create-w{w}"))
         for info in self.client.gather(futures):
             log.info("replica ready: %s", info)
+        if self.config.train.reduce == "collective":
+            self._form_group()
 
     def _regroup(self, reason: str) -> int:
         """Rebuild the replicas on the workers alive now; returns the step to go on from."""
@@ -448,7 +541,8 @@ class _Session:
             fut = self.client.submit(replica_applied, self.run_id, workers=[w], allow_other_workers=False,
                                      key=f"{self.run_id}-g{self.generation}-applied-{w}")
             try:
-                status = fut.result(timeout=self.config.train.step_timeout or 120)
+                # A collective run's survivors may first wait out the group's timeout.
+                status = fut.result(timeout=(self.config.train.step_timeout or 120) + 30)
                 applied[w] = status["applied"]
                 history.update(status["history"])
             except Exception as exc:  # it died too, or holds no replica: not a source

@@ -23,6 +23,11 @@ WindowKey = tuple[int, int, int]  # (epoch, shard, window)
 Batch = tuple[np.ndarray, np.ndarray]
 
 
+def join_batches(batches: Sequence[Batch]) -> Batch:
+    """Several ``(inputs, targets)`` batches as one, in order."""
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+
+
 class NormalizedReader(ChunkReader):
     """A :class:`ChunkReader` whose inputs come out standardised (``data.normalize``)."""
 

@@ -60,11 +60,15 @@ class Partial:
 
 
 def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Sum left to right into a fresh tensor: the single summation rule of the whole tree."""
-    total = tensors[0].clone()
+    """Sum left to right into a fresh tensor: the single summation rule of the whole tree.
+
+    The sum is taken in fp32 and returned in the inputs' dtype, so gradients that travel in
+    bf16 (``grad_transfer: bf16``) are still accumulated in fp32 at every node.
+    """
+    total = tensors[0].to(torch.float32, copy=True)
     for t in tensors[1:]:
         total.add_(t)
-    return total
+    return total.to(tensors[0].dtype)
 
 
 def default_fan_in(leaves: int) -> int:

@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,13 +31,16 @@ from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.device import Placement
 from pipeline.errors import DasktrainError, NonFiniteLossError
-from pipeline.feed import ShardFeed, open_reader
+from pipeline.feed import Batch, ShardFeed, join_batches, open_reader
 from pipeline.ledger import append_entry
 from pipeline.models import build_model
 from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
-from pipeline.plan import SamplingPlan
+from pipeline.preflight import plan_for
 from pipeline.reduce import NodeId, Partial, ReductionTree, StepStats
 from pipeline.store import Chunk, DatasetInfo
+
+if TYPE_CHECKING:
+    from pipeline.collective import CollectiveGroup
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +114,15 @@ class Replica:
         """Root stats of the last updates applied, for a driver that regroups before reading them."""
         self.lock = threading.Lock()
         """Held for every step and state query: a cancelled step still running finishes first."""
-        self.plan = SamplingPlan(spec.train_chunks, cfg.train.shards, cfg.train.batch_size,
-                                 cfg.train.seed, cfg.data.shuffle_window)
+        self.plan = plan_for(cfg, spec.train_chunks)
         self.tree = ReductionTree(spec.tree_leaves, spec.fan_in)
         self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs)
         self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
         self._val_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self.collective: CollectiveGroup | None = None
+        """The process group of ``reduce: collective`` (joined after the replica is built)."""
+        self.rendezvous: tuple[Any, int] | None = None
+        """On rank 0 of a collective run: the store the ranks meet through, and its generation."""
 
     # -- the step -------------------------------------------------------------------------
 
@@ -133,23 +139,27 @@ class Replica:
             self._apply(t - 1, previous)
         stats = StepStats()
         if actions.validate:
-            self._validate(stats)
+            self.validate(stats)
         if actions.checkpoint is not None:
-            self._checkpoint(t, actions.checkpoint)
+            self.write_checkpoint(t, actions.checkpoint)
         grads: dict[NodeId, torch.Tensor] = {}
         if actions.compute:
             grads = self._compute(t, stats)
         return Partial(grads, stats)
 
     def _apply(self, t: int, reduced: Partial) -> None:
-        """Optimizer step with the global mean gradient of step ``t``."""
+        """Optimizer step with the global mean gradient of step ``t``, from the tree's root."""
         assert reduced.stats is not None
+        self.apply_sum(t, self.place.from_host(reduced.grads[self.tree.root]).float(), reduced.stats)
+
+    def apply_sum(self, t: int, grad_sum: torch.Tensor, stats: StepStats) -> None:
+        """Optimizer step with ``grad_sum`` (the sum over all of step ``t``'s samples, on the
+        device) divided by the global sample count; refuses a non-finite one per ``on_nan``."""
         self.applied = t + 1
-        self.history[t] = reduced.stats.as_dict()
+        self.history[t] = stats.as_dict()
         self.history.pop(t - 32, None)
-        count = reduced.stats.count
-        flat = self.place.from_host(reduced.grads[self.tree.root]) / max(count, 1)
-        finite = reduced.stats.nonfinite == 0 and bool(torch.isfinite(flat).all())
+        flat = grad_sum / max(stats.count, 1)
+        finite = stats.nonfinite == 0 and bool(torch.isfinite(flat).all())
         if not finite:
             if self.spec.config.train.on_nan == "skip_step":
                 return  # every replica sees the same root, so every replica skips alike
@@ -166,6 +176,18 @@ class Replica:
         self.optimizer.step()
 
     def _compute(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
+        """The worker's partial sums of step ``t``, as host tensors in the transfer dtype."""
+        grads = self.local_grads(t, stats)
+        dtype = torch.bfloat16 if self.spec.config.train.grad_transfer == "bf16" else torch.float32
+        t1 = time.perf_counter()
+        # Dask sends host tensors; the reduction tasks sum in fp32 whatever they receive.
+        out = {node: self.place.to_host(g).to(dtype) for node, g in grads.items()}
+        stats.compute_s += time.perf_counter() - t1
+        return out
+
+    def local_grads(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
+        """Forward/backward of step ``t`` over the worker's shards: fp32 sums on the device, by
+        the tree node each one is (one node in fast mode, the worker's cover in deterministic mode)."""
         cfg = self.spec.config
         epoch, k = self.plan.locate(t)
         batches = self.feed.step_batches(epoch, k)
@@ -184,20 +206,30 @@ class Replica:
             # Fast mode: the worker's shards fused into one forward/backward.
             (node,) = self.spec.cover
             grads = {node: self._grad_of(batches, t, stats)}
-        grads = {node: self.place.to_host(g) for node, g in grads.items()}  # Dask sends host tensors
         stats.compute_s = time.perf_counter() - t1
         return grads
 
-    def _grad_of(self, batches: list[tuple[np.ndarray, np.ndarray]], t: int, stats: StepStats) -> torch.Tensor:
-        """Flat sum-of-sample gradients of ``batches`` (zeros when they are empty)."""
+    def _grad_of(self, batches: list[Batch], t: int, stats: StepStats) -> torch.Tensor:
+        """Flat sum-of-sample gradients of ``batches`` (zeros when they are empty), taken in
+        ``train.accumulate`` micro-batches one after the other."""
         flat = self.place.zeros(self.numel)
-        x_np = np.concatenate([b[0] for b in batches])
-        if len(x_np) == 0:
+        x_all, y_all = join_batches(batches)
+        if len(x_all) == 0:
             return flat
-        y_np = np.concatenate([b[1] for b in batches])
-        kind = self.spec.config.loss
-        x, y = prepare_batch(kind, self.place.to_device(x_np, "inputs"), self.place.to_device(y_np, "targets"))
         self._bind_grads(flat)  # backward accumulates straight into the flat buffer
+        pieces = min(self.spec.config.train.accumulate, len(x_all))
+        bounds = np.linspace(0, len(x_all), pieces + 1).round().astype(int)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if not self._accumulate(x_all[lo:hi], y_all[lo:hi], t, stats):
+                stats.count += len(x_all) - int(hi)  # the rest of the void step, counted all the same
+                return self.place.zeros(self.numel)
+        return flat
+
+    def _accumulate(self, x_host: Any, y_host: Any, t: int, stats: StepStats) -> bool:
+        """Add one micro-batch's gradients into the bound buffer; False if its loss was not
+        finite and ``on_nan`` skips the step (the samples are counted, the step is void)."""
+        kind = self.spec.config.loss
+        x, y = prepare_batch(kind, self.place.to_device(x_host, "inputs"), self.place.to_device(y_host, "targets"))
         try:
             with self.place.autocast():
                 out = self.model(x)
@@ -213,7 +245,7 @@ class Replica:
             if self.spec.config.train.on_nan == "skip_step":
                 stats.nonfinite += 1
                 stats.count += len(x)
-                return self.place.zeros(self.numel)
+                return False
             epoch, k = self.plan.locate(t)
             raise NonFiniteLossError(
                 f"loss is {value} at global step {t} (epoch {epoch}, step {k}) on shards "
@@ -223,7 +255,7 @@ class Replica:
         stats.loss_sum += value
         stats.count += len(x)
         stats.correct += correct_count(kind, out.detach(), y)
-        return flat
+        return True
 
     def _record_ledger(self, t: int) -> None:
         epoch, k = self.plan.locate(t)
@@ -250,7 +282,7 @@ class Replica:
 
     # -- validation and checkpoints ---------------------------------------------------------
 
-    def _validate(self, stats: StepStats) -> None:
+    def validate(self, stats: StepStats) -> None:
         if self._val_reader is None:
             return
         kind = self.spec.config.loss
@@ -274,13 +306,17 @@ class Replica:
             self._val_cache = batches
         return batches
 
-    def _checkpoint(self, t: int, meta: dict[str, Any]) -> None:
+    def write_checkpoint(self, t: int, meta: dict[str, Any]) -> None:
         cfg = self.spec.config
         save_checkpoint(Path(self.spec.run_dir), t, self.model.state_dict(), self.optimizer.state_dict(),
                         meta, keep=cfg.checkpoint.keep)
 
     def close(self) -> None:
         self.feed.close()
+        if self.collective is not None:
+            self.collective.close()
+            self.collective = None
+        self.rendezvous = None
 
 
 # -- Dask tasks (module-level so workers import them by reference) ---------------------------
@@ -298,21 +334,21 @@ def create_replica(spec: ReplicaSpec, threads: int, state: dict[str, Any] | None
 
 def replica_applied(run_id: str) -> dict[str, Any]:
     """Updates the replica has applied (once a step it is running has ended), and their root stats."""
-    replica = _get(run_id)
+    replica = get_replica(run_id)
     with replica.lock:
         return {"applied": replica.applied, "history": dict(replica.history)}
 
 
 def export_replica_state(run_id: str) -> dict[str, Any]:
     """The replica's full training state (a Dask task; its result goes worker to worker)."""
-    return _get(run_id).export_state()
+    return get_replica(run_id).export_state()
 
 
 def save_replica_checkpoint(run_id: str, meta: dict[str, Any]) -> str:
     """Checkpoint the replica as it is now (used before stopping on too few workers)."""
-    replica = _get(run_id)
+    replica = get_replica(run_id)
     with replica.lock:
-        replica._checkpoint(replica.applied, meta)
+        replica.write_checkpoint(replica.applied, meta)
     return str(Path(replica.spec.run_dir))
 
 
@@ -327,7 +363,8 @@ def _to_host(value: Any) -> Any:
     return value
 
 
-def _get(run_id: str) -> Replica:
+def get_replica(run_id: str) -> Replica:
+    """This worker's replica of ``run_id``; a clear error when it holds none."""
     try:
         return _REPLICAS[run_id]
     except KeyError:
@@ -336,12 +373,12 @@ def _get(run_id: str) -> Replica:
 
 def run_step(run_id: str, t: int, previous: Partial | None, actions: StepActions) -> Partial:
     """One step of the replica of ``run_id`` on this worker (see the module docstring)."""
-    return _get(run_id).step(t, previous, actions)
+    return get_replica(run_id).step(t, previous, actions)
 
 
 def replica_state(run_id: str) -> dict[str, torch.Tensor]:
     """The replica's model weights, fetched once at the end of a run."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in _get(run_id).model.state_dict().items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_replica(run_id).model.state_dict().items()}
 
 
 def drop_replica(run_id: str) -> bool:

@@ -1,0 +1,178 @@
+"""``reduce: collective``: gradients summed by a torch.distributed all-reduce among the workers.
+
+The tree of Dask tasks costs a few task round trips per step; for a cluster that does not change
+while it trains, a process group over the same workers sums a flat buffer in one all-reduce
+(gloo on CPU, NCCL on GPU) and one Dask task per worker can run many steps. The tasks here run
+on the workers:
+
+- :func:`open_rendezvous`, on rank 0: a ``TCPStore`` on a port the OS picks now (never a fixed
+  one); its address reaches the other ranks through the scheduler, as the task's result;
+- :func:`join_group`, on every rank at once: the process group, kept in the worker's replica
+  (a private group object, not torch's process-global default group, so runs never clash);
+- :func:`run_segment`: steps ``[start, stop)`` with no task boundary between them. Each step,
+  every rank computes its fused gradient, the ranks all-reduce a small stats vector first (so
+  that a rank that failed makes every rank stop at the same step, instead of leaving the
+  others blocked in the gradient all-reduce), then the gradient, and apply the same update.
+
+A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
+:data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from distributed import get_worker
+from distributed.comm import get_address_host
+
+from pipeline.errors import DasktrainError
+from pipeline.reduce import StepStats
+from pipeline.replica import get_replica
+
+DEFAULT_TIMEOUT_S = 120.0
+"""Seconds a rank waits for the others in one collective when ``train.step_timeout`` is unset."""
+
+
+class CollectiveGroup:
+    """One rank's process group of a run's generation, and the store it met the others through."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, host: str, device: torch.device,
+                 timeout: datetime.timedelta) -> None:
+        self.store = store  # rank 0's store must outlive the group: the others reach it
+        self.rank = rank
+        self.size = size
+        self.device = device
+        group: Any
+        if device.type == "cuda":
+            nccl_options = dist.ProcessGroupNCCL.Options()
+            nccl_options._timeout = timeout
+            group = dist.ProcessGroupNCCL(store, rank, size, nccl_options)
+        else:
+            gloo_options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]
+            # Bind to the address the worker serves Dask on: it is reachable from the other
+            # ranks, which a container's hostname may not be.
+            gloo_options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+            gloo_options._timeout = timeout
+            group = dist.ProcessGroupGloo(store, rank, size, gloo_options)
+        self.group = group
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over the ranks, in place; returns it."""
+        self.group.allreduce([tensor]).wait()
+        return tensor
+
+    def close(self) -> None:
+        """Release the group's connections (a regroup makes a new one)."""
+        shutdown = getattr(self.group, "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except RuntimeError:  # peers already gone: nothing left to close politely
+                pass
+
+
+def _timeout(seconds: float | None) -> datetime.timedelta:
+    return datetime.timedelta(seconds=seconds or DEFAULT_TIMEOUT_S)
+
+
+def open_rendezvous(run_id: str, generation: int, timeout_s: float | None) -> tuple[str, int]:
+    """Dask task on rank 0: host a store on a free port; returns ``(host, port)`` for the others."""
+    replica = get_replica(run_id)
+    host = get_address_host(get_worker().address)
+    store = dist.TCPStore(host, 0, None, True, _timeout(timeout_s), wait_for_workers=False)
+    replica.rendezvous = (store, generation)
+    return host, int(store.port)
+
+
+def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple[str, int],
+               timeout_s: float | None) -> dict[str, Any]:
+    """Dask task on every rank, all at once: join the run's process group for ``generation``."""
+    replica = get_replica(run_id)
+    timeout = _timeout(timeout_s)
+    if rank == 0:
+        store, made_for = replica.rendezvous or (None, None)
+        if store is None or made_for != generation:
+            raise DasktrainError(f"rank 0 of run {run_id} has no rendezvous store for generation {generation}")
+    else:
+        store = dist.TCPStore(master[0], master[1], None, False, timeout)
+    prefixed = dist.PrefixStore(f"{run_id}/g{generation}", store)
+    host = get_address_host(get_worker().address)
+    if replica.collective is not None:
+        replica.collective.close()
+    replica.collective = CollectiveGroup(prefixed, rank, size, host, replica.place.device, timeout)
+    replica.collective.store = store
+    return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
+
+
+@dataclass(frozen=True)
+class SegmentEnd:
+    """What a segment does after its last update: validate (and, on the writer, checkpoint)."""
+
+    validate: bool = False
+    checkpoint: dict[str, Any] | None = None
+
+
+_STATS = ("loss_sum", "count", "correct", "nonfinite", "data_wait_s", "compute_s")
+_FAILED = len(_STATS)
+
+
+def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any = None) -> dict[str, Any]:
+    """Dask task on every rank: steps ``[start, stop)``, each computed, all-reduced and applied.
+
+    ``after`` is the rank's previous segment (a dependency only, so Dask runs segments in order).
+    Returns per-step stats, summed over the ranks (times: the mean over ranks, plus the time
+    this rank spent in the all-reduces), and the validation sums when ``end.validate``.
+    """
+    replica = get_replica(run_id)
+    group = replica.collective
+    if group is None:
+        raise DasktrainError(f"this worker's replica of run {run_id} has joined no process group")
+    with replica.lock:
+        if replica.applied != start:
+            raise DasktrainError(f"replica out of step: asked for segment {start}-{stop} after {replica.applied} updates")
+        steps = []
+        for t in range(start, stop):
+            began = time.perf_counter()
+            stats = StepStats()
+            failure: Exception | None = None
+            try:
+                grads = replica.local_grads(t, stats)
+                (flat,) = grads.values()
+            except Exception as exc:  # every rank must reach the all-reduce below, failed or not
+                failure, flat = exc, replica.place.zeros(replica.numel)
+            vector = torch.tensor([float(getattr(stats, f)) for f in _STATS] + [1.0 if failure else 0.0],
+                                  dtype=torch.float64, device=group.device)
+            reduce_began = time.perf_counter()
+            group.sum_(vector)
+            totals = vector.tolist()
+            if failure is not None:
+                raise failure
+            if totals[_FAILED]:
+                raise DasktrainError(f"global step {t} failed on another worker of the process group; "
+                                     "its error is the one this run reports")
+            group.sum_(flat)
+            reduced_s = time.perf_counter() - reduce_began
+            summed = StepStats(loss_sum=totals[0], count=round(totals[1]), correct=round(totals[2]),
+                               nonfinite=round(totals[3]), data_wait_s=totals[4] / group.size,
+                               compute_s=totals[5] / group.size)
+            replica.apply_sum(t, flat, summed)
+            record = summed.as_dict()
+            record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)
+            steps.append(record)
+        result: dict[str, Any] = {"steps": steps, "val": None}
+        if end.validate:
+            val = StepStats()
+            replica.validate(val)
+            vector = torch.tensor([val.val_loss_sum, val.val_count, val.val_correct], dtype=torch.float64,
+                                  device=group.device)
+            group.sum_(vector)
+            loss, count, correct = vector.tolist()
+            result["val"] = {"val_loss_sum": loss, "val_count": round(count), "val_correct": round(correct)}
+        if end.checkpoint is not None:
+            replica.write_checkpoint(stop, end.checkpoint)
+        return result

@@ -1,0 +1,100 @@
+"""Every way of summing gradients learns what one process learns, on real worker processes.
+
+``reduce: collective`` (a gloo process group inside many-step tasks), ``accumulate`` (several
+micro-batches per update) and ``grad_transfer: bf16`` (gradients sent in bf16, summed in fp32)
+are checked against the single-process reference loop, as the tree mode is in
+test_equivalence.py; the collective mode also against a killed worker and a NaN on one rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.driver import train
+from pipeline.errors import ConfigError, NonFiniteLossError
+from pipeline.ingest import example_arrays, write_store
+from pipeline.ledger import check_exactly_once
+from pipeline.metrics import read_metrics
+from pipeline.preflight import build_plan, resolve_splits
+from tests.helpers import local_client, run_config, saved_weights
+from tests.reference import max_relative_error, reference_weights
+from tests.test_faults import kill_worker_at, regroups, training_samples
+
+pytestmark = pytest.mark.timeout(240)
+
+MODES = {
+    "collective": ({"reduce": "collective"}, 1e-5),
+    "collective-accumulate": ({"reduce": "collective", "accumulate": 3}, 1e-5),
+    "tree-accumulate": ({"accumulate": 4}, 1e-5),
+    # bf16 keeps 8 bits of mantissa: each transfer rounds by up to 2**-9 of a gradient.
+    "tree-bf16": ({"grad_transfer": "bf16"}, 2e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("data") / "digits.zarr", example_arrays("digits"), chunk_size=64)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda n: f"{n}workers")
+def client(request):
+    with local_client(request.param) as c:
+        yield c
+
+
+def mode_config(store, out, **train):
+    return run_config(store, out, optimizer={"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
+                      schedule={"name": "warmup_cosine", "warmup_steps": 5, "min_lr": 1e-4},
+                      data={"store": str(store), "validation": {"fraction": 0.2}}, train=train)
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_mode_equals_single_process(store, client, tmp_path, mode):
+    options, tolerance = MODES[mode]
+    config = mode_config(store, tmp_path / "run", **options)
+    result = train(config, client=client)
+    assert result.completed and result.steps == 2 * 29
+    assert [e["val_samples"] for e in result.epochs] == [384, 384]
+    steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
+    assert [r["global_step"] for r in steps] == list(range(58))
+    assert sum(r["samples"] for r in steps) == 2 * 1413
+    error = max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config))
+    assert error < tolerance
+    if mode == "tree-bf16":
+        assert error > 1e-6  # the rounding is real: the gradients did travel in bf16
+
+
+def test_collective_rejects_what_it_cannot_honour(store, tmp_path):
+    with pytest.raises(ConfigError, match="deterministic: true needs reduce: tree"):
+        mode_config(store, tmp_path / "run", reduce="collective", deterministic=True)
+    with pytest.raises(ConfigError, match="grad_transfer: bf16 applies to reduce: tree only"):
+        mode_config(store, tmp_path / "run", reduce="collective", grad_transfer="bf16")
+
+
+def test_collective_killed_worker_regroups_with_exact_accounting(store, tmp_path):
+    config = run_config(store, tmp_path / "run", optimizer={"name": "adamw", "lr": 0.003},
+                        train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3, "ledger": True,
+                               "reduce": "collective", "step_timeout": 20.0},
+                        checkpoint={"every_steps": 10, "keep": 2})
+    with local_client(2) as client:
+        hook, killed = kill_worker_at(client, {12})
+        result = train(config, client=client, on_event=hook)
+    assert killed == [12] and result.completed
+    events = regroups(tmp_path / "run")
+    assert events and events[0]["lost"], events
+    check_exactly_once(tmp_path / "run", training_samples(config), epochs=2)
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+
+
+def test_collective_nan_on_one_rank_stops_every_rank_naming_the_step(tmp_path):
+    arrays = example_arrays("digits")
+    arrays["inputs"][5 * 64 + 3, 10] = np.nan  # one sample of chunk 5: one worker's shard
+    store = write_store(tmp_path / "nan.zarr", arrays, chunk_size=64)
+    config = run_config(store, tmp_path / "run", train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3,
+                                                          "reduce": "collective", "step_timeout": 30.0})
+    plan = build_plan(config, resolve_splits(config))
+    bad = next(t for t in range(2 * plan.steps_per_epoch)
+               if 5 * 64 + 3 in plan.epoch(t // plan.steps_per_epoch).global_batch(t % plan.steps_per_epoch))
+    with local_client(2) as client, pytest.raises(NonFiniteLossError, match=f"loss is nan at global step {bad} "):
+        train(config, client=client)
