@@ -59,6 +59,9 @@ def test_driver_bytes_per_step_do_not_grow_with_model_or_batch(tmp_path, monkeyp
         b_base, n_base = bytes_per_step(client, counter, base)
         b_model, _ = bytes_per_step(client, counter, big_model)
         b_batch, n_batch = bytes_per_step(client, counter, big_batch)
+        collective = big_model.model_copy(update={"output_dir": str(tmp_path / "collective"),
+                                                  "train": base.train.model_copy(update={"reduce": "collective"})})
+        b_collective, _ = bytes_per_step(client, counter, collective)
     assert n_base >= 50 and n_batch >= 40
     grad_bytes_large = 4 * (64 * 640 + 640 + 640 * 64 + 64 + 64 * 10 + 10)
     # Per step the client gets scheduler notices and one small stats dict: a few KB at most,
@@ -67,3 +70,5 @@ def test_driver_bytes_per_step_do_not_grow_with_model_or_batch(tmp_path, monkeyp
     assert b_model < 1.1 * b_base, (b_base, b_model)
     assert b_batch < 1.1 * b_base, (b_base, b_batch)
     assert b_model < grad_bytes_large / 10
+    # reduce: collective sends per-step numbers once per segment: no more than the tree does.
+    assert b_collective < b_base, (b_base, b_collective)
