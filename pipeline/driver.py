@@ -30,7 +30,16 @@ from pipeline.metrics import MetricsLog
 from pipeline.objective import lr_at
 from pipeline.plan import SamplingPlan
 from pipeline.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
-from pipeline.reduce import NodeId, ReductionTree, StepStats, default_fan_in, submit_tree, summarize
+from pipeline.reduce import (
+    NodeId,
+    ReductionTree,
+    RootRecipe,
+    StepStats,
+    default_fan_in,
+    stats_of,
+    submit_tree,
+    summarize,
+)
 from pipeline.replica import (
     ReplicaSpec,
     StepActions,
@@ -157,10 +166,14 @@ class Layout:
         return cls(tuple(workers), blocks, tree, covers)
 
 
+Root = tuple[RootRecipe, list[Future]]
+"""A step's reduced gradient as the next step's tasks take it: the recipe and its sources."""
+
+
 @dataclass
 class _InFlight:
     step: int
-    root: Future
+    root: Root | None
     stats: Future
     tasks: list[Future]
     apply_only: bool = False
@@ -275,7 +288,7 @@ class _Session:
 
     def _run_steps(self, t: int, pending: deque[_InFlight]) -> None:
         """Run from step ``t`` (no update pending) to the end; raises _WorkersChanged on a change."""
-        previous: Future | None = None
+        previous: Root | None = None
         submitted = t
         barrier = False  # an apply-only step is in flight: submit nothing until it is done
         last_poll = time.monotonic()
@@ -316,6 +329,7 @@ class _Session:
         after: list[Future] | None = None
         submitted = t
         length = 4  # until step times are known
+        last_done = time.perf_counter()
         while True:
             while submitted < self.end_step and len(pending) < 2:
                 stop = self._segment_stop(submitted, length)
@@ -327,12 +341,16 @@ class _Session:
             entry = pending[0]
             result = self._wait_segment(entry)
             pending.popleft()
+            # Workers time each step; stretch those times to the interval seen here, so that the
+            # gaps between segments (task hand-over, driver) count too.
+            now, times = time.perf_counter(), [s["step_time_s"] for s in result["steps"]]
+            stretch = max(1.0, (now - last_done) / max(sum(times), 1e-9))
+            last_done = now
             for i, stats in enumerate(result["steps"]):
-                self._record(entry.step + i, stats, step_time=stats["step_time_s"])
+                self._record(entry.step + i, stats, step_time=stats["step_time_s"] * stretch)
             stop = entry.step + len(result["steps"])
             if stop % self.plan.steps_per_epoch == 0:  # the epoch closes, with its validation
                 self._record(stop, {**StepStats().as_dict(), **(result["val"] or {})}, apply_only=True)
-            times = [s["step_time_s"] for s in result["steps"]]
             length = max(1, min(self.LINEAGE_STEPS, round(self.SEGMENT_S * len(times) / max(sum(times), 1e-6))))
 
     def _segment_stop(self, start: int, length: int) -> int:
@@ -357,7 +375,7 @@ class _Session:
                 run_segment, self.run_id, start, stop, end, after[w] if after else None,
                 workers=[addr], allow_other_workers=False,
                 key=f"{self.run_id}-g{self.generation}-segment-{start}-{stop}-w{w}"))
-        return _InFlight(start, tasks[0], tasks[0], tasks, steps=stop - start)
+        return _InFlight(start, None, tasks[0], tasks, steps=stop - start)
 
     def _wait_segment(self, entry: _InFlight) -> dict[str, Any]:
         """A segment's result (rank 0's); on failure, the error of the rank where it began."""
@@ -447,7 +465,7 @@ class _Session:
                     exclude=stragglers,
                 )
 
-    def _submit_step(self, t: int, previous: Future | None, compute: bool = True,
+    def _submit_step(self, t: int, previous: Root | None, compute: bool = True,
                      after_barrier: bool = False) -> _InFlight:
         """Submit step ``t`` on every worker and the reduction above it.
 
@@ -464,17 +482,16 @@ class _Session:
             # Worker 0 writes the checkpoints: every replica holds the same state after an update.
             actions = StepActions(compute=compute, validate=boundary,
                                   checkpoint=self._checkpoint_meta(t) if checkpoint and w == 0 else None)
+            recipe, sources = previous if previous is not None else (None, [])
             tasks.append(self.client.submit(
-                run_step, self.run_id, t, previous, actions, workers=[addr], allow_other_workers=False,
+                run_step, self.run_id, t, recipe, sources, actions, workers=[addr], allow_other_workers=False,
                 key=f"{self.run_id}-g{self.generation}-step-{t}{'' if compute else 'a'}-w{w}"))
-        layout = self.layout
-        if len(tasks) == 1 and layout.tree.root in layout.covers[0]:
-            root = tasks[0]
-        else:
-            root = submit_tree(self.client, layout.tree, tasks, [list(c) for c in layout.covers],
-                               key=f"{self.run_id}-g{self.generation}-{t}{'' if compute else 'a'}")
-        stats = self.client.submit(summarize, root, key=f"{self.run_id}-g{self.generation}-stats-{t}{'' if compute else 'a'}")
-        return _InFlight(t, root, stats, tasks, apply_only=not compute and t < self.end_step)
+        tag = f"{self.run_id}-g{self.generation}-{t}{'' if compute else 'a'}"
+        recipe, sources = submit_tree(self.client, self.layout.tree, tasks, [list(c) for c in self.layout.covers], key=tag)
+        # Stats are picked out where each source lives, so no gradient moves for the driver's sake.
+        parts = [self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}") for i, s in enumerate(sources)]
+        stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats")
+        return _InFlight(t, (recipe, sources), stats, [*tasks, *parts], apply_only=not compute and t < self.end_step)
 
     def _checkpoint_meta(self, t: int) -> dict[str, Any]:
         epoch, k = self.plan.locate(t)
@@ -596,7 +613,7 @@ class _Session:
         return f"checkpoint written at step {applied[source]}"
 
     def _cancel(self, pending: deque[_InFlight]) -> None:
-        futures = [f for e in pending for f in (e.root, e.stats, *e.tasks)]
+        futures = [f for e in pending for f in (*(e.root[1] if e.root else ()), e.stats, *e.tasks)]
         if futures:
             self.client.cancel(futures)
         pending.clear()

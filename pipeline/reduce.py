@@ -141,15 +141,44 @@ def combine(node: NodeId, picks: list[tuple[int, NodeId, bool]], *sources: Parti
     return Partial({node: sum_in_order(grads)} if grads else {}, stats)
 
 
-def summarize(partial: Partial) -> dict[str, Any]:
-    """Dask task: the root's stats only, the one thing the driver receives per step."""
-    assert partial.stats is not None
-    return partial.stats.as_dict()
+Pick = tuple[int, NodeId, bool]
+"""(source index, child node, take that source's stats): one input of a node's sum."""
+
+
+@dataclass(frozen=True)
+class RootRecipe:
+    """How to form the root from its children: the next step's task on *every* worker sums them
+    itself, with :func:`combine`, so the root is never computed in one place and sent on (one
+    transfer and one task fewer on every step's critical path). Same inputs, same order: every
+    replica gets the same bits."""
+
+    node: NodeId
+    picks: tuple[Pick, ...]
+
+    def combine(self, sources: Sequence[Partial]) -> Partial:
+        return combine(self.node, list(self.picks), *sources)
+
+
+def stats_of(partial: Partial) -> StepStats | None:
+    """Dask task, run where ``partial`` lives: its stats alone, so the gradients stay put."""
+    return partial.stats
+
+
+def summarize(picks: Sequence[Pick], *stats: StepStats | None) -> dict[str, Any]:
+    """Dask task: the root's stats from its children's (picked as :func:`combine` picks them),
+    the one thing the driver receives per step."""
+    total = StepStats()
+    for i, _, take in picks:
+        found = stats[i]
+        if take and found is not None:
+            total = total + found
+    return total.as_dict()
 
 
 def submit_tree(client: Any, tree: ReductionTree, worker_futures: Sequence[Any],
-                covers: Sequence[list[NodeId]], key: str) -> Any:
-    """Submit the reduction tasks above the workers' covers; returns the root's future.
+                covers: Sequence[list[NodeId]], key: str) -> tuple[RootRecipe, list[Any]]:
+    """Submit the reduction tasks below the root, above the workers' covers; returns the root's
+    recipe and the futures of its sources (see :class:`RootRecipe`).
 
     ``covers[w]`` lists the nodes worker ``w``'s partial holds; the first time a worker's
     partial is picked its stats are taken, so they are counted exactly once.
@@ -157,10 +186,8 @@ def submit_tree(client: Any, tree: ReductionTree, worker_futures: Sequence[Any],
     holder = {node: w for w, nodes in enumerate(covers) for node in nodes}
     stats_taken: set[int] = set()
 
-    def value_of(node: NodeId) -> tuple[Any, bool]:
-        """(future holding ``node``, whether it is a worker partial)."""
-        if node in holder:
-            return worker_futures[holder[node]], True
+    def inputs_of(node: NodeId) -> tuple[list[Any], list[Pick]]:
+        """The futures ``node`` sums from, and its picks among them."""
         sources: list[Any] = []
         position: dict[str, int] = {}
         picks: list[tuple[int, NodeId, bool]] = []
@@ -175,8 +202,17 @@ def submit_tree(client: Any, tree: ReductionTree, worker_futures: Sequence[Any],
                 take = w not in stats_taken
                 stats_taken.add(w)
             picks.append((position[future.key], child, take))
+        return sources, picks
+
+    def value_of(node: NodeId) -> tuple[Any, bool]:
+        """(future holding ``node``, whether it is a worker partial)."""
+        if node in holder:
+            return worker_futures[holder[node]], True
+        sources, picks = inputs_of(node)
         fut = client.submit(combine, node, picks, *sources, key=f"{key}-sum-{node[0]}.{node[1]}", pure=False)
         return fut, False
 
-    root, _ = value_of(tree.root)
-    return root
+    if tree.root in holder:  # one worker holds the whole sum
+        return RootRecipe(tree.root, ((0, tree.root, True),)), [worker_futures[holder[tree.root]]]
+    sources, picks = inputs_of(tree.root)
+    return RootRecipe(tree.root, tuple(picks)), sources

@@ -6,8 +6,9 @@ through the module-level task functions below, each pinned to the replica's work
 
 One step task (global step ``t``) does, in this order:
 
-1. apply the reduced gradient of step ``t-1`` (divide by the global sample count, optimizer
-   step): every replica makes the same update, so all replicas stay identical;
+1. apply the reduced gradient of step ``t-1``: sum the root of the tree from its children
+   (every replica sums the same inputs in the same order), divide by the global sample count,
+   optimizer step: every replica makes the same update, so all replicas stay identical;
 2. optionally validate and (on the writer) checkpoint: the weights now are those after ``t``
    updates, exactly what a resume from step ``t`` starts with;
 3. compute step ``t``: forward/backward over the worker's shards' micro-batches, and return one
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.device import Placement
@@ -36,7 +38,7 @@ from pipeline.ledger import append_entry
 from pipeline.models import build_model
 from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
 from pipeline.preflight import plan_for
-from pipeline.reduce import NodeId, Partial, ReductionTree, StepStats
+from pipeline.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
 from pipeline.store import Chunk, DatasetInfo
 
 if TYPE_CHECKING:
@@ -93,6 +95,7 @@ class Replica:
         self.spec = spec
         cfg = spec.config
         torch.set_num_threads(threads)
+        keep_freed_memory()  # see pipeline/allocator.py: the step's big tensors are reused
         # The worker's own GPU when it has one (dask-cuda gives each worker one), else the CPU.
         self.place = Placement(cfg.train.precision)
         self.model = self.place.model(build_model(cfg.model, cfg.train.seed))
@@ -126,17 +129,17 @@ class Replica:
 
     # -- the step -------------------------------------------------------------------------
 
-    def step(self, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+    def step(self, t: int, root: RootRecipe | None, sources: list[Partial], actions: StepActions) -> Partial:
         with self.lock:
-            return self._step(t, previous, actions)
+            return self._step(t, root, sources, actions)
 
-    def _step(self, t: int, previous: Partial | None, actions: StepActions) -> Partial:
+    def _step(self, t: int, root: RootRecipe | None, sources: list[Partial], actions: StepActions) -> Partial:
         # Guard before touching state: Dask may re-run an old step to rebuild a lost result,
         # and applying an update twice would silently corrupt the replica.
-        if self.applied != (t - 1 if previous is not None else t):
+        if self.applied != (t - 1 if root is not None else t):
             raise DasktrainError(f"replica out of step: asked for step {t} after {self.applied} updates")
-        if previous is not None:
-            self._apply(t - 1, previous)
+        if root is not None:
+            self._apply(t - 1, root.combine(sources))
         stats = StepStats()
         if actions.validate:
             self.validate(stats)
@@ -371,9 +374,10 @@ def get_replica(run_id: str) -> Replica:
         raise DasktrainError(f"this worker holds no replica of run {run_id} (was it restarted?)") from None
 
 
-def run_step(run_id: str, t: int, previous: Partial | None, actions: StepActions) -> Partial:
-    """One step of the replica of ``run_id`` on this worker (see the module docstring)."""
-    return get_replica(run_id).step(t, previous, actions)
+def run_step(run_id: str, t: int, root: RootRecipe | None, sources: list[Partial], actions: StepActions) -> Partial:
+    """One step of the replica of ``run_id`` on this worker (see the module docstring); ``root``
+    says how to sum the previous step's gradient from ``sources`` (none: nothing to apply)."""
+    return get_replica(run_id).step(t, root, sources, actions)
 
 
 def replica_state(run_id: str) -> dict[str, torch.Tensor]:

@@ -42,6 +42,7 @@ import zarr
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.checkpoint import join_optimizer_state, split_optimizer_state, write_file_atomic
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ClusterError, DasktrainError, DataError, NonFiniteLossError
@@ -121,6 +122,7 @@ class PipelineStage:
         self.spec = spec
         cfg = spec.config
         torch.set_num_threads(spec.threads)
+        keep_freed_memory()  # see pipeline/allocator.py
         self.stage, self.replica = spec.stage, spec.replica
         self.stages = len(spec.bounds)
         self.first, self.last = self.stage == 0, self.stage == self.stages - 1
