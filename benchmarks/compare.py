@@ -1,22 +1,66 @@
-"""Side-by-side throughput: plain PyTorch, torch DDP (gloo) and dasktrain, in one invocation.
+"""Side-by-side throughput: plain PyTorch, torch DDP (gloo) and dasktrain's modes, in one invocation.
 
-Every contender trains the same model on the same Zarr data with the same global batch; the
-table reports samples/s, step time, time waiting for data and for the reduction, and ratios
-against plain PyTorch and DDP. Timings are medians over the steady-state steps of each run,
-and the whole comparison is repeated ``--repeats`` times (medians of the repeats are printed):
-these machines are shared and noisy, so only ratios measured side by side mean anything.
+    python -m benchmarks --model mlp --workers 2
+    python -m benchmarks --model cnn --workers 2 --batch 256 --modes tree,collective --repeats 5
+    python -m benchmarks --device cuda --model cnn          # one GPU: dasktrain (1 worker) vs plain
 
-    python -m benchmarks.compare --model mlp --workers 2
-    python -m benchmarks.compare --model cnn --workers 2 --batch 256
+Every contender trains the same model (``--model``) with the same optimizer (SGD, momentum 0.9)
+and global batch (``--batch``) on the same synthetic Zarr store, written once per invocation:
+
+- ``plain``: one process, the store loaded into memory with ``zarr`` as a user of a plain loop
+  would, shuffled once per epoch, ``workers x threads`` torch threads (the CPUs dasktrain gets);
+- ``DDP``: ``--workers`` processes of ``DistributedDataParallel`` over gloo, each with the whole
+  store in memory, taking its slice of the same global batches, ``--threads`` torch threads each;
+- ``dasktrain <mode>``: ``pipeline.driver.train`` on a fresh LocalCluster of ``--workers`` worker
+  processes of ``--threads`` threads each, for each mode of ``MODES`` (``--modes``):
+  ``tree`` (``reduce: tree``, fast mode), ``tree-bf16`` (the same, ``grad_transfer: bf16``) and
+  ``collective`` (``reduce: collective``), with ``data.cache`` on (``--no-cache``: off) and
+  ``train.accumulate`` from ``--accumulate`` (the baselines always take a batch in one pass).
+
+A contender that raises is one row ``failed: <reason>``; the others still run.
+
+Columns (each a median over the steady-state steps of a run, the second half of its steps, i.e.
+the later epochs; then the median over ``--repeats`` runs, which are interleaved so that every
+contender meets the same noise of a shared machine):
+
+- ``samples/s``: global batch / step time;
+- ``step ms``: one optimizer step. Plain and DDP: timed in the loop (DDP: rank 0). dasktrain
+  ``tree``: the interval between two steps' results at the driver (steps are submitted ahead, so
+  this is the throughput interval). ``collective``: timed on the workers, inside the task that
+  runs a segment of many steps, then stretched so that a segment's steps add up to the interval
+  between two segments' results at the driver (the hand-over between segments counts too);
+- ``data ms``: waiting for the batch. Plain and DDP: gathering it from the arrays in memory.
+  dasktrain: ``data_wait_s`` of the step record, the time a replica waited on its prefetching
+  feed (tree: the slowest worker; collective: the mean over ranks);
+- ``data %``: data wait as a share of the step (the target is under 5% after the first epoch);
+- ``reduce ms``: waiting for the gradient sum. ``collective``: ``reduce_s`` of the step record,
+  the time in the all-reduces, including waiting for the slowest rank. ``tree``: derived, as
+  ``step_time_s - compute_s - data_wait_s`` (clipped at 0), the part of the step interval that is
+  neither the slowest worker's compute nor its data wait: reduction tasks, gradient transfer,
+  applying the update and scheduling. DDP: ``-`` (its all-reduce overlaps backward, inside the
+  step); plain: 0;
+- ``vs plain``, ``vs DDP``: samples/s over plain's and DDP's.
+
+With ``--device cuda`` (a CUDA GPU visible to torch), the comparison is on one GPU: dasktrain with
+one worker (``local-cuda`` when dask-cuda is installed, else a LocalCluster of one worker process,
+which finds ``cuda:0`` as well) against the plain loop on the same GPU, whose whole dataset sits
+on the GPU (the strongest plain baseline); DDP is skipped. Without a GPU it says so and exits 2.
+
+Speed is never asserted in tests: these machines are shared and noisy, so only ratios measured
+side by side mean anything. ``--out`` writes the figures and the machine as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
+import logging
 import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +78,7 @@ from pipeline.driver import train
 from pipeline.ingest import write_store
 from pipeline.metrics import read_metrics
 from pipeline.models import build_model
+from pipeline.objective import build_optimizer
 
 MODELS = {
     "mlp": ({"factory": "pipeline.models:mlp",
@@ -41,6 +86,32 @@ MODELS = {
     "cnn": ({"factory": "pipeline.models:cnn",
              "kwargs": {"in_channels": 3, "num_classes": 10, "image_size": 32}}, (3, 32, 32)),
 }
+
+MODES: dict[str, dict[str, Any]] = {  # dasktrain mode -> its train settings
+    "tree": {"reduce": "tree"},
+    "tree-bf16": {"reduce": "tree", "grad_transfer": "bf16"},
+    "collective": {"reduce": "collective"},
+}
+
+Timing = dict[str, float]
+"""One run's figures: samples_per_s, step_s, data_s, data_pct, reduce_s (nan: not measured)."""
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on: they mean nothing without it."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "usable_cores": usable,
+            "torch": torch.__version__, "gpus": gpus,
+            "load_1min": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
 
 
 def make_store(folder: Path, shape: tuple[int, ...], samples: int, chunk: int) -> Path:
@@ -50,16 +121,20 @@ def make_store(folder: Path, shape: tuple[int, ...], samples: int, chunk: int) -
     return write_store(folder / "bench.zarr", {"inputs": inputs, "targets": targets}, chunk_size=chunk)
 
 
-def bench_config(args: argparse.Namespace, store: Path, out: Path, **train: Any) -> RunConfig:
+def bench_config(args: argparse.Namespace, store: Path, out: Path, mode: str = "tree") -> RunConfig:
     model, _ = MODELS[args.model]
+    cluster: dict[str, Any] = {"workers": args.workers, "threads_per_worker": args.threads, "dashboard": False}
+    if args.device == "cuda" and importlib.util.find_spec("dask_cuda") is not None:
+        cluster["kind"] = "local-cuda"
     return validate_config({
-        "data": {"store": str(store)},
+        "data": {"store": str(store), "cache": args.cache},
         "model": model,
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
-        "train": {"epochs": args.epochs, "batch_size": args.batch, "shards": args.shards, "seed": 0, **train},
-        "cluster": {"workers": args.workers, "threads_per_worker": 1, "dashboard": False},
+        "train": {"epochs": args.epochs, "batch_size": args.batch, "shards": args.shards, "seed": 0,
+                  "accumulate": args.accumulate, **MODES[mode]},
+        "cluster": cluster,
         "output_dir": str(out),
-    })
+    }, source=f"benchmark config ({mode})")
 
 
 def steady(values: list[float]) -> float:
@@ -67,122 +142,226 @@ def steady(values: list[float]) -> float:
     return statistics.median(values[len(values) // 2:])
 
 
+def load_store(config: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The whole store in memory, as a plain training loop over it would start."""
+    group = zarr.open_group(config.data.store, mode="r")
+    inputs, targets = group[config.data.inputs], group[config.data.targets]
+    assert isinstance(inputs, zarr.Array) and isinstance(targets, zarr.Array)
+    return np.asarray(inputs[:]), np.asarray(targets[:])
+
+
+def batch_indices(samples: int, batch: int, steps: int, seed: int = 0) -> list[np.ndarray]:
+    """Global batches of ``steps`` steps: a fresh permutation every epoch, cut in order."""
+    rng = np.random.default_rng(seed)
+    out: list[np.ndarray] = []
+    while len(out) < steps:
+        order = rng.permutation(samples)
+        out.extend(order[i:i + batch] for i in range(0, samples, batch))
+    return out[:steps]
+
+
+def _timing(batch: int, steps: list[float], data: list[float], reduce: list[float] | None) -> Timing:
+    step = steady(steps)
+    return {"samples_per_s": batch / step, "step_s": step, "data_s": steady(data),
+            "data_pct": 100 * steady([d / s for d, s in zip(data, steps)]),
+            "reduce_s": steady(reduce) if reduce is not None else float("nan")}
+
+
 # -- plain PyTorch -----------------------------------------------------------------------------
 
-def run_plain(config: RunConfig, threads: int, steps: int) -> dict[str, float]:
+def run_plain(config: RunConfig, threads: int, steps: int, device: str) -> Timing:
     torch.set_num_threads(threads)
-    group = zarr.open_group(config.data.store, mode="r")
-    inputs, targets = np.asarray(group["inputs"][:]), np.asarray(group["targets"][:])
-    model = build_model(config.model, 0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    rng = np.random.default_rng(0)
-    times = []
-    for _ in range(steps):
+    inputs, targets = (torch.from_numpy(a).to(device) for a in load_store(config))
+    model = build_model(config.model, 0).to(device)
+    opt = build_optimizer(config.optimizer, list(model.parameters()))
+    cuda = device == "cuda"
+    step_times, data_times = [], []
+    for idx in batch_indices(len(inputs), config.train.batch_size, steps):
         t0 = time.perf_counter()
-        idx = rng.choice(len(inputs), config.train.batch_size, replace=False)
-        x, y = torch.from_numpy(inputs[idx]), torch.from_numpy(targets[idx])
+        picked = torch.from_numpy(idx).to(device)
+        x, y = inputs[picked], targets[picked]
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        times.append(time.perf_counter() - t0)
-    step = steady(times)
-    return {"samples_per_s": config.train.batch_size / step, "step_s": step, "data_s": 0.0, "reduce_s": 0.0}
+        if cuda:
+            torch.cuda.synchronize()  # the step is done when its kernels are
+        step_times.append(time.perf_counter() - t0)
+        data_times.append(t1 - t0)
+    return _timing(config.train.batch_size, step_times, data_times, [0.0])
 
 
 # -- torch DDP -------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, steps: int, out: Any) -> None:
-    torch.set_num_threads(1)
+def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, threads: int, steps: int, out: Any) -> None:
+    torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    group = zarr.open_group(config.data.store, mode="r")
-    inputs, targets = np.asarray(group["inputs"][:]), np.asarray(group["targets"][:])
-    model = torch.nn.parallel.DistributedDataParallel(build_model(config.model, 0))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    local = config.train.batch_size // world
-    rng = np.random.default_rng(rank)
-    times = []
-    for _ in range(steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        idx = rng.choice(len(inputs), local, replace=False)
-        x, y = torch.from_numpy(inputs[idx]), torch.from_numpy(targets[idx])
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()  # DDP all-reduces the gradients in buckets during backward
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    if rank == 0:
-        out.put(steady(times))
-    dist.destroy_process_group()
+    try:
+        inputs, targets = load_store(config)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(config.model, 0))
+        opt = build_optimizer(config.optimizer, list(model.parameters()))
+        step_times, data_times = [], []
+        for idx in batch_indices(len(inputs), config.train.batch_size, steps):
+            mine = np.array_split(idx, world)[rank]  # this rank's slice of the same global batch
+            dist.barrier()  # start each step together, so rank 0's time is the step's
+            t0 = time.perf_counter()
+            x, y = torch.from_numpy(inputs[mine]), torch.from_numpy(targets[mine])
+            t1 = time.perf_counter()
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()  # DDP all-reduces the gradients in buckets during backward
+            opt.step()
+            step_times.append(time.perf_counter() - t0)
+            data_times.append(t1 - t0)
+        if rank == 0:
+            out.put((step_times, data_times))
+    finally:
+        dist.destroy_process_group()
 
 
-def run_ddp(config: RunConfig, world: int, steps: int) -> dict[str, float]:
+def run_ddp(config: RunConfig, world: int, threads: int, steps: int) -> Timing:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(world, port, config, steps, out), nprocs=world, join=True,
+    mp.start_processes(_ddp_worker, args=(world, port, config, threads, steps, out), nprocs=world, join=True,
                        start_method="spawn")
-    step = out.get(timeout=60)
-    return {"samples_per_s": config.train.batch_size / step, "step_s": step, "data_s": 0.0, "reduce_s": float("nan")}
+    step_times, data_times = out.get(timeout=60)
+    return _timing(config.train.batch_size, step_times, data_times, None)
 
 
 # -- dasktrain -------------------------------------------------------------------------------------
 
-def run_dasktrain(config: RunConfig) -> dict[str, float]:
+def run_dasktrain(config: RunConfig) -> Timing:
     train(config)
     steps = [r for r in read_metrics(Path(config.output_dir)) if r["kind"] == "step"]
-    step = steady([r["step_time_s"] for r in steps])
-    data = steady([r["data_wait_s"] for r in steps])
-    compute = steady([r["compute_s"] for r in steps])
-    return {"samples_per_s": config.train.batch_size / step, "step_s": step, "data_s": data,
-            "reduce_s": max(step - compute - data, 0.0)}
+    step = [r["step_time_s"] for r in steps]
+    data = [r["data_wait_s"] for r in steps]
+    if config.train.reduce == "collective":
+        reduce = [r["reduce_s"] for r in steps]
+    else:  # tree: what is left of the step interval besides the slowest worker's data wait and compute
+        reduce = [max(r["step_time_s"] - r["compute_s"] - r["data_wait_s"], 0.0) for r in steps]
+    return _timing(config.train.batch_size, step, data, reduce)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# -- the table -------------------------------------------------------------------------------------
+
+def _reason(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def medians(runs: list[Timing | str]) -> Timing | str:
+    """Medians over the repeats that ran; the first failure's reason when none did."""
+    ok = [r for r in runs if isinstance(r, dict)]
+    if not ok:
+        return str(runs[0])
+    return {k: statistics.median(r[k] for r in ok) for k in ok[0]}
+
+
+def _fmt(value: float, spec: str, width: int) -> str:
+    return f"{'-':>{width}}" if value != value else f"{value:{width}{spec}}"  # nan: not measured
+
+
+def print_table(results: dict[str, list[Timing | str]], plain_key: str, ddp_key: str | None) -> None:
+    summary = {name: medians(runs) for name, runs in results.items()}
+    plain, ddp = summary.get(plain_key), summary.get(ddp_key) if ddp_key else None
+    plain_sps = plain["samples_per_s"] if isinstance(plain, dict) else float("nan")
+    ddp_sps = ddp["samples_per_s"] if isinstance(ddp, dict) else float("nan")
+    width = max(len(n) for n in results) + 1
+    header = (f"{'contender':{width}} {'samples/s':>10} {'step ms':>8} {'data ms':>8} {'data %':>7} "
+              f"{'reduce ms':>9} {'vs plain':>8} {'vs DDP':>7}")
+    print(header)
+    print("-" * len(header))
+    for name, med in summary.items():
+        if isinstance(med, str):
+            print(f"{name:{width}} failed: {med}")
+            continue
+        failed = sum(isinstance(r, str) for r in results[name])
+        note = f"  ({failed} of {len(results[name])} repeats failed)" if failed else ""
+        print(f"{name:{width}} {med['samples_per_s']:10.0f} {1e3 * med['step_s']:8.1f} {1e3 * med['data_s']:8.1f} "
+              f"{med['data_pct']:7.1f} {_fmt(1e3 * med['reduce_s'], '.1f', 9)} "
+              f"{_fmt(med['samples_per_s'] / plain_sps, '.2f', 8)} {_fmt(med['samples_per_s'] / ddp_sps, '.2f', 7)}{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="dasktrain workers and DDP processes (cuda: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker / DDP process")
     parser.add_argument("--batch", type=int, default=None, help="global batch (default: mlp 4096, cnn 256)")
     parser.add_argument("--samples", type=int, default=None, help="store size (default: 24 global batches)")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--shards", type=int, default=None, help="default: workers")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default="fast,deterministic", help="dasktrain modes to run")
-    args = parser.parse_args()
+    parser.add_argument("--modes", default=",".join(MODES), help=f"dasktrain modes to run, of {', '.join(MODES)}")
+    parser.add_argument("--accumulate", type=int, default=1, help="train.accumulate of the dasktrain runs")
+    parser.add_argument("--no-cache", dest="cache", action="store_false", help="data.cache: false for dasktrain")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; modes: {', '.join(MODES)}")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            print(f"benchmarks: --device cuda, but torch {torch.__version__} sees no CUDA GPU; "
+                  "the GPU comparison is skipped", file=sys.stderr)
+            return 2
+        if args.workers != 1:
+            print(f"benchmarks: --device cuda compares one GPU: 1 dasktrain worker (not {args.workers}), no DDP")
+        args.workers = 1
     args.batch = args.batch or (4096 if args.model == "mlp" else 256)
     args.shards = args.shards or args.workers
     samples = args.samples or 24 * args.batch
+    steps = args.epochs * -(-samples // args.batch)  # as many as dasktrain's plan: the last batch may be short
     _, shape = MODELS[args.model]
-    modes = [m for m in args.modes.split(",") if m]
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # keep the table readable
 
-    results: dict[str, list[dict[str, float]]] = {}
+    plain_key = f"plain PyTorch (1 process, {args.workers * args.threads} threads)"
+    ddp_key = f"torch DDP gloo ({args.workers} processes)" if args.device == "cpu" else None
+    kind = "local-cuda" if importlib.util.find_spec("dask_cuda") else "local"
+    where = f"{args.workers} workers" if args.device == "cpu" else f"1 GPU worker, {kind}"
+    results: dict[str, list[Timing | str]] = {}
+
+    def attempt(name: str, run: Any, *run_args: Any) -> None:
+        try:
+            outcome: Timing | str = run(*run_args)
+        except Exception as exc:  # one row says so; the rest of the table still runs
+            outcome = _reason(exc)
+        results.setdefault(name, []).append(outcome)
+
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(Path(tmp), shape, samples, chunk=max(64, args.batch // args.shards))
-        steps = args.epochs * (samples // args.batch)
         for repeat in range(args.repeats):
             base = bench_config(args, store, Path(tmp) / f"r{repeat}")
-            results.setdefault("plain PyTorch (1 process)", []).append(run_plain(base, args.workers, steps))
-            results.setdefault(f"torch DDP gloo ({args.workers} processes)", []).append(run_ddp(base, args.workers, steps))
+            attempt(plain_key, run_plain, base, args.workers * args.threads, steps, args.device)
+            if ddp_key:
+                attempt(ddp_key, run_ddp, base, args.workers, args.threads, steps)
             for mode in modes:
-                cfg = bench_config(args, store, Path(tmp) / f"r{repeat}-{mode}", deterministic=mode == "deterministic")
-                results.setdefault(f"dasktrain {mode} ({args.workers} workers)", []).append(run_dasktrain(cfg))
+                cfg = bench_config(args, store, Path(tmp) / f"r{repeat}-{mode}", mode)
+                attempt(f"dasktrain {mode} ({where})", run_dasktrain, cfg)
 
-    print(f"\nmachine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
-    print(f"model {args.model}, global batch {args.batch}, {samples} samples, {args.workers} workers/processes, "
-          f"{args.repeats} repeats (medians)\n")
-    plain = statistics.median(r["samples_per_s"] for r in results["plain PyTorch (1 process)"])
-    ddp = statistics.median(r["samples_per_s"] for r in results[f"torch DDP gloo ({args.workers} processes)"])
-    header = f"{'contender':36} {'samples/s':>10} {'step ms':>8} {'data ms':>8} {'reduce ms':>9} {'vs plain':>8} {'vs DDP':>7}"
-    print(header)
-    print("-" * len(header))
-    for name, runs in results.items():
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        print(f"{name:36} {med['samples_per_s']:10.0f} {1e3 * med['step_s']:8.1f} {1e3 * med['data_s']:8.1f} "
-              f"{1e3 * med['reduce_s']:9.1f} {med['samples_per_s'] / plain:8.2f} {med['samples_per_s'] / ddp:7.2f}")
+    info = machine()
+    print(f"\nmachine: {info['host']}, {info['cpu']}, {info['cores']} cores ({info['usable_cores']} usable), "
+          f"torch {info['torch']}, GPU: {', '.join(info['gpus']) or 'none'}, load {info['load_1min']}")
+    print(f"model {args.model}, global batch {args.batch}, {samples} samples, {args.epochs} epochs, device {args.device}, "
+          f"{args.threads} thread(s) per worker, accumulate {args.accumulate}, cache {'on' if args.cache else 'off'}, "
+          f"medians of {args.repeats} repeats over the second half of the steps\n")
+    print_table(results, plain_key, ddp_key)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"machine": info, "args": vars(args), "samples": samples,
+                                              "results": results}, indent=1))
+        print(f"\nfigures in {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
