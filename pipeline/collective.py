@@ -117,7 +117,7 @@ class SegmentEnd:
     checkpoint: dict[str, Any] | None = None
 
 
-_STATS = ("loss_sum", "count", "correct", "nonfinite", "data_wait_s", "compute_s")
+_STATS = ("loss_sum", "count", "correct", "nonfinite", "chunks_read", "data_wait_s", "compute_s")
 _FAILED = len(_STATS)
 
 
@@ -158,8 +158,8 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
             group.sum_(flat)
             reduced_s = time.perf_counter() - reduce_began
             summed = StepStats(loss_sum=totals[0], count=round(totals[1]), correct=round(totals[2]),
-                               nonfinite=round(totals[3]), data_wait_s=totals[4] / group.size,
-                               compute_s=totals[5] / group.size)
+                               nonfinite=round(totals[3]), chunks_read=round(totals[4]),
+                               data_wait_s=totals[5] / group.size, compute_s=totals[6] / group.size)
             replica.apply_sum(t, flat, summed)
             record = summed.as_dict()
             record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)

@@ -65,10 +65,11 @@ class Placement:
         """Copy a host array to the device, asynchronously through the pinned buffer ``slot``.
 
         Each slot (e.g. ``"inputs"``, ``"targets"``) holds one pinned buffer, grown as needed;
-        before it is refilled, the host waits for the copy that last read it.
+        before it is refilled, the host waits for the copy that last read it. A tensor already on
+        the device (a batch from the GPU chunk cache) is returned as it is.
         """
         tensor = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
-        if not self._cuda:
+        if not self._cuda or self._holds(tensor):
             return tensor
         nbytes = tensor.numel() * tensor.element_size()
         buffer, done = self._staging.get(slot, (None, None))
@@ -83,6 +84,15 @@ class Placement:
         event.record()
         self._staging[slot] = (buffer, event)
         return out
+
+    def _holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is on this placement's device (plain ``cuda`` means the current GPU)."""
+        here = tensor.device
+        if here.type != self.device.type:
+            return False
+        if here.type != "cuda":
+            return True
+        return here.index == (self.device.index if self.device.index is not None else torch.cuda.current_device())
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A device tensor as an ordinary CPU tensor (for Dask to send); waits for the copy."""

@@ -506,7 +506,7 @@ class _Session:
             "loss": stats["loss_sum"] / count if count else float("nan"),
             "lr": lr_at(self.config, t, self.plan.steps_per_epoch),
             "step_time_s": step_time, "samples_per_s": count / step_time if step_time > 0 else 0.0,
-            "data_wait_s": stats["data_wait_s"], "compute_s": stats["compute_s"],
+            "data_wait_s": stats["data_wait_s"], "compute_s": stats["compute_s"], "chunks_read": stats["chunks_read"],
             "generation": self.generation, "workers": len(self.workers),
         }
         if "reduce_s" in stats:  # reduce: collective measures its all-reduces on the workers

@@ -1,9 +1,15 @@
 """A worker's data feed: its shards' samples for each step, read chunk-aligned and prefetched.
 
 Each owned shard streams its windows (groups of chunks shuffled together) in plan order. A
-window is read once, from the store, on a background thread; while a step consumes window ``w``
-the next window is already being read, so reading and decompression stay off the critical
-path. Windows behind the stream position are dropped.
+window is assembled once, on a background thread; while a step consumes window ``w`` the next
+window is already being assembled, so reading and decompression stay off the critical path.
+Windows behind the stream position are dropped.
+
+Without a cache a window's chunks are read from the store every epoch. With a
+:class:`~pipeline.cache.ChunkCache` (``data.cache``) each chunk is read once and then taken from
+the cache; chunks the cache holds on the GPU are concatenated and shuffled there with torch, so
+batches come out as device tensors and a cached epoch's samples never pass through the host.
+Batches are therefore numpy arrays or torch tensors; :func:`join_batches` takes either.
 """
 
 from __future__ import annotations
@@ -13,19 +19,39 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import torch
 
+from pipeline.cache import ChunkCache
 from pipeline.config import DataConfig
 from pipeline.normalize import Normalization, read_normalization
 from pipeline.plan import SamplingPlan
 from pipeline.store import Chunk, ChunkReader, DatasetInfo
 
 WindowKey = tuple[int, int, int]  # (epoch, shard, window)
-Batch = tuple[np.ndarray, np.ndarray]
+Array = np.ndarray | torch.Tensor
+"""Samples along axis 0: host numpy, or a torch tensor where they came from the cache's device part."""
+Batch = tuple[Array, Array]
 
 
 def join_batches(batches: Sequence[Batch]) -> Batch:
-    """Several ``(inputs, targets)`` batches as one, in order."""
-    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    """Several ``(inputs, targets)`` batches as one, in order (a device tensor if any part is one)."""
+    return _concat([b[0] for b in batches]), _concat([b[1] for b in batches])
+
+
+def _concat(parts: Sequence[Array]) -> Array:
+    """Parts laid end to end along axis 0: numpy if all are, else a tensor on the first tensor's
+    device (a shard's window held on the host, or an empty part, joins device parts there)."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
+    return torch.cat([torch.from_numpy(p).to(device) if isinstance(p, np.ndarray) else p for p in parts])
+
+
+def _permute(samples: Array, order: np.ndarray) -> Array:
+    """``samples[order]``, indexing a tensor with an index tensor on its own device."""
+    if isinstance(samples, np.ndarray):
+        return samples[order]
+    return samples[torch.from_numpy(order).to(samples.device)]
 
 
 class NormalizedReader(ChunkReader):
@@ -49,16 +75,24 @@ def open_reader(info: DatasetInfo, data: DataConfig) -> ChunkReader:
 
 
 class ShardFeed:
-    """Serves ``(inputs, targets)`` of owned shards for any (epoch, step) of the plan."""
+    """Serves ``(inputs, targets)`` of owned shards for any (epoch, step) of the plan.
 
-    def __init__(self, plan: SamplingPlan, reader: ChunkReader, shards: Sequence[int], epochs: int) -> None:
+    ``cache``: keep decoded chunks for later epochs (the plan should deal chunks once per run,
+    ``SamplingPlan(..., deal_once=True)``, or each epoch brings other chunks to this worker).
+    """
+
+    def __init__(self, plan: SamplingPlan, reader: ChunkReader, shards: Sequence[int], epochs: int,
+                 cache: ChunkCache | None = None) -> None:
         self.plan = plan
         self.reader = reader
         self.shards = tuple(shards)
         self.epochs = epochs
+        self.cache = cache
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dasktrain-prefetch")
         self._windows: dict[WindowKey, Future[Batch]] = {}
         self.wait_s = 0.0
+        self.reads = 0
+        """Chunks read from the store (not from the cache) since the last :meth:`take_reads`."""
         """Seconds spent blocked on reads since the last :meth:`take_wait`."""
 
     def step_batches(self, epoch: int, step: int) -> list[Batch]:
@@ -70,9 +104,15 @@ class ShardFeed:
         waited, self.wait_s = self.wait_s, 0.0
         return waited
 
+    def take_reads(self) -> int:
+        reads, self.reads = self.reads, 0
+        return reads
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._windows.clear()
+        if self.cache is not None:
+            self.cache.close()
 
     def _take(self, epoch: int, shard: int, start: int, stop: int) -> Batch:
         if start == stop:  # a small shard may give nothing to a step
@@ -82,7 +122,8 @@ class ShardFeed:
         starts = self.plan.epoch(epoch).window_starts[shard]
         first = int(np.searchsorted(starts, start, side="right")) - 1
         last = int(np.searchsorted(starts, stop - 1, side="right")) - 1
-        pieces_x, pieces_y = [], []
+        pieces_x: list[Array] = []
+        pieces_y: list[Array] = []
         for w in range(first, last + 1):
             x, y = self._window(epoch, shard, w)
             lo = max(start - starts[w], 0)
@@ -91,7 +132,7 @@ class ShardFeed:
             pieces_y.append(y[lo:hi])
         self._forget_before(epoch, shard, first)
         self._prefetch_after(epoch, shard, last)
-        return np.concatenate(pieces_x), np.concatenate(pieces_y)
+        return _concat(pieces_x), _concat(pieces_y)
 
     def _window(self, epoch: int, shard: int, w: int) -> Batch:
         key = (epoch, shard, w)
@@ -108,10 +149,14 @@ class ShardFeed:
     def _read_window(self, key: WindowKey) -> Batch:
         epoch, shard, w = key
         window = self.plan.epoch(epoch).windows[shard][w]
-        parts = [self.reader.read(c) for c in window.chunks]
-        x = np.concatenate([p[0] for p in parts])[window.order]
-        y = np.concatenate([p[1] for p in parts])[window.order]
+        parts: list[Batch] = [self.cache.get(c, self._read) if self.cache else self._read(c) for c in window.chunks]
+        x = _permute(_concat([p[0] for p in parts]), window.order)
+        y = _permute(_concat([p[1] for p in parts]), window.order)
         return x, y
+
+    def _read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+        self.reads += 1  # one prefetch thread: no other writer
+        return self.reader.read(chunk)
 
     def _prefetch_after(self, epoch: int, shard: int, w: int) -> None:
         if w + 1 < len(self.plan.epoch(epoch).windows[shard]):

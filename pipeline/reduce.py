@@ -32,6 +32,7 @@ class StepStats:
     val_count: int = 0
     val_correct: int = 0
     nonfinite: int = 0
+    chunks_read: int = 0
     data_wait_s: float = 0.0
     compute_s: float = 0.0
 

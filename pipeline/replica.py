@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from pipeline.allocator import keep_freed_memory
+from pipeline.cache import ChunkCache
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.config import RunConfig
 from pipeline.device import Placement
@@ -119,7 +120,8 @@ class Replica:
         """Held for every step and state query: a cancelled step still running finishes first."""
         self.plan = plan_for(cfg, spec.train_chunks)
         self.tree = ReductionTree(spec.tree_leaves, spec.fan_in)
-        self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs)
+        cache = ChunkCache(int(cfg.data.cache_limit_gib * 2**30), self.place.device) if cfg.data.cache else None
+        self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs, cache)
         self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
         self._val_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
         self.collective: CollectiveGroup | None = None
@@ -195,6 +197,7 @@ class Replica:
         epoch, k = self.plan.locate(t)
         batches = self.feed.step_batches(epoch, k)
         stats.data_wait_s = self.feed.take_wait()
+        stats.chunks_read = self.feed.take_reads()
         t1 = time.perf_counter()
         # Dropout masks follow the plan (seed, step), not the worker.
         torch.manual_seed(cfg.train.seed * 1_000_003 + t)
@@ -315,6 +318,8 @@ class Replica:
                         meta, keep=cfg.checkpoint.keep)
 
     def close(self) -> None:
+        if self.feed.cache is not None:
+            log.info("chunk cache of run %s: %s", self.spec.run_id, self.feed.cache.stats())
         self.feed.close()
         if self.collective is not None:
             self.collective.close()

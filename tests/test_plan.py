@@ -79,3 +79,50 @@ def test_validation_split_is_disjoint_and_fixed():
     assert len(val) == 4 and len(train) == 16
     assert not {c.index for c in train} & {c.index for c in val}
     assert split_validation(layout, 0.2, seed=1) == (train, val)
+
+
+def test_default_plan_is_unchanged_by_deal_once():
+    # Pinned from the plan before deal_once existed: a run without the cache plans as it did.
+    plan = SamplingPlan(chunks_of(1000, 50), 4, 100, seed=7)
+    deals = {
+        0: [[3, 14, 1, 4, 17], [8, 16, 6, 18, 2], [12, 10, 0, 5, 9], [13, 15, 7, 19, 11]],
+        1: [[17, 15, 2, 11, 4], [14, 1, 8, 16, 19], [18, 5, 7, 9, 12], [10, 6, 0, 3, 13]],
+    }
+    for epoch, expected in deals.items():
+        ep = plan.epoch(epoch)
+        assert [[c.index for w in ws for c in w.chunks] for ws in ep.windows] == expected
+    assert plan.epoch(0).global_batch(0)[:6].tolist() == [188, 176, 169, 706, 167, 747]
+    assert plan.epoch(1).global_batch(0)[:6].tolist() == [772, 776, 885, 777, 894, 779]
+
+
+def shard_chunks(plan: SamplingPlan, epoch: int) -> list[list[int]]:
+    """Per shard, the chunk indices it streams in ``epoch``, in stream order."""
+    return [[c.index for w in ws for c in w.chunks] for ws in plan.epoch(epoch).windows]
+
+
+def test_deal_once_keeps_each_shards_chunks_and_reorders_them():
+    layout = chunks_of(1000, 50)
+    plan = SamplingPlan(layout, 4, 100, seed=7, deal_once=True)
+    first = shard_chunks(plan, 0)
+    # Epoch 0 is the default plan's epoch 0: a cached run's first epoch is the uncached one's.
+    assert first == shard_chunks(SamplingPlan(layout, 4, 100, seed=7), 0)
+    for epoch in (1, 2, 3):
+        now = shard_chunks(plan, epoch)
+        assert [sorted(s) for s in now] == [sorted(s) for s in first]  # same chunk set per shard
+        assert all(a != b for a, b in zip(now, first))  # in a new order on every shard
+        assert not np.array_equal(plan.epoch(epoch).shard_stream(0), plan.epoch(0).shard_stream(0))
+    # The default plan deals anew every epoch.
+    default = SamplingPlan(layout, 4, 100, seed=7)
+    assert [sorted(s) for s in shard_chunks(default, 1)] != [sorted(s) for s in first]
+
+
+@pytest.mark.parametrize("samples,chunk,shards,batch,window", [
+    (1000, 64, 4, 64, 2), (777, 10, 7, 33, 3), (130, 13, 10, 128, 4),
+])
+def test_deal_once_uses_every_sample_exactly_once_per_epoch(samples, chunk, shards, batch, window):
+    plan = SamplingPlan(chunks_of(samples, chunk), shards, batch, seed=1, shuffle_window=window, deal_once=True)
+    for epoch in range(3):
+        ep = plan.epoch(epoch)
+        used = np.concatenate([ep.global_batch(k) for k in range(ep.steps)])
+        assert np.array_equal(np.sort(used), np.arange(samples))
+        assert ep.steps == plan.steps_per_epoch
