@@ -62,8 +62,9 @@ class CollectiveGroup:
         self.group = group
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Sum ``tensor`` over the ranks, in place; returns it."""
-        self.group.allreduce([tensor]).wait()
+        """Sum ``tensor`` over the ranks, in place; returns it (as it is, for a group of one)."""
+        if self.size > 1:
+            self.group.allreduce([tensor]).wait()
         return tensor
 
     def close(self) -> None:

@@ -488,10 +488,13 @@ class _Session:
                 key=f"{self.run_id}-g{self.generation}-step-{t}{'' if compute else 'a'}-w{w}"))
         tag = f"{self.run_id}-g{self.generation}-{t}{'' if compute else 'a'}"
         recipe, sources = submit_tree(self.client, self.layout.tree, tasks, [list(c) for c in self.layout.covers], key=tag)
-        # Stats are picked out where each source lives, so no gradient moves for the driver's sake.
-        parts = [self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}") for i, s in enumerate(sources)]
+        # Stats are picked out where each source lives, so no gradient moves for the driver's
+        # sake; with one worker, where everything lives, one task fewer per step.
+        parts = sources if len(self.workers) == 1 else [
+            self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}") for i, s in enumerate(sources)]
         stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats")
-        return _InFlight(t, (recipe, sources), stats, [*tasks, *parts], apply_only=not compute and t < self.end_step)
+        extra = [] if parts is sources else parts
+        return _InFlight(t, (recipe, sources), stats, [*tasks, *extra], apply_only=not compute and t < self.end_step)
 
     def _checkpoint_meta(self, t: int) -> dict[str, Any]:
         epoch, k = self.plan.locate(t)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 
 NodeId = tuple[int, int]
@@ -58,6 +59,25 @@ class Partial:
 
     grads: dict[NodeId, torch.Tensor] = field(default_factory=dict)
     stats: StepStats | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A pickled torch tensor goes through torch.save into a byte string: a copy and a slow
+        # path on both ends of every transfer. A NumPy array is pickled (protocol 5, as Dask
+        # does) as an out-of-band buffer that Dask sends as it is. bf16 has no NumPy dtype: it
+        # travels as its int16 bits.
+        wire = {node: (g.view(torch.int16).numpy(), True) if g.dtype == torch.bfloat16 else (g.numpy(), False)
+                for node, g in self.grads.items()}
+        return _partial_from_wire, (wire, self.stats)
+
+
+def _partial_from_wire(wire: dict[NodeId, tuple[np.ndarray, bool]], stats: StepStats | None) -> Partial:
+    grads = {}
+    for node, (array, bf16) in wire.items():
+        if not array.flags.writeable:  # torch wants a writable buffer; Dask's receive buffers are
+            array = array.copy()
+        tensor = torch.from_numpy(array)
+        grads[node] = tensor.view(torch.bfloat16) if bf16 else tensor
+    return Partial(grads, stats)
 
 
 def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -165,12 +185,14 @@ def stats_of(partial: Partial) -> StepStats | None:
     return partial.stats
 
 
-def summarize(picks: Sequence[Pick], *stats: StepStats | None) -> dict[str, Any]:
+def summarize(picks: Sequence[Pick], *stats: StepStats | Partial | None) -> dict[str, Any]:
     """Dask task: the root's stats from its children's (picked as :func:`combine` picks them),
-    the one thing the driver receives per step."""
+    the one thing the driver receives per step. A child may come whole (a :class:`Partial`)
+    where that moves no gradient: a one-worker run."""
     total = StepStats()
     for i, _, take in picks:
-        found = stats[i]
+        source = stats[i]
+        found = source.stats if isinstance(source, Partial) else source
         if take and found is not None:
             total = total + found
     return total.as_dict()
