@@ -44,7 +44,7 @@ def main() -> None:
         }, chunk_size=args.batch // 4)
         # Equal stages: P * layers_per_stage square layers; the output layer is square too.
         hidden = [width] * (P * args.layers_per_stage - 1)
-        with LocalCluster(n_workers=P, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+        with LocalCluster(n_workers=P, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
                 Client(cluster) as client:
             client.wait_for_workers(P, timeout=60)
             print(f"P={P} stages, {args.layers_per_stage} linear {width}x{width} layers each, global batch "

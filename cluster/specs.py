@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import dask.config
 from distributed import Client, LocalCluster, Security
 from distributed.deploy import Cluster
 
@@ -58,13 +59,24 @@ def open_cluster(spec: ClusterConfig) -> Iterator[Client]:
         cluster.close()
 
 
+PROFILE_KEY = "distributed.worker.profile.enabled"
+
+
 def _start(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
+    # Nannies hand their config to the workers they start, now and on a restart.
+    with dask.config.set({PROFILE_KEY: spec.worker_profiler}):
+        return _start_kind(spec, security)
+
+
+def _start_kind(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
     if spec.kind == "local":
         workers = spec.workers or 2
         try:
+            # ":0" either way: the scheduler's HTTP server (health, metrics) runs even without a
+            # dashboard, and must not clash with another cluster on the default port.
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=spec.threads_per_worker, processes=True,
-                memory_limit=spec.memory_limit, dashboard_address=":0" if spec.dashboard else None,
+                memory_limit=spec.memory_limit, dashboard_address=":0", scheduler_kwargs={"dashboard": spec.dashboard},
                 security=security, protocol="tls://" if security else None,
             )
         except Exception as exc:
@@ -100,7 +112,7 @@ def _local_cuda(spec: ClusterConfig, security: Security | None) -> tuple[Cluster
     try:
         cluster = LocalCUDACluster(
             n_workers=workers, CUDA_VISIBLE_DEVICES=devices[:workers], threads_per_worker=spec.threads_per_worker,
-            memory_limit=spec.memory_limit, dashboard_address=":0" if spec.dashboard else None,
+            memory_limit=spec.memory_limit, dashboard_address=":0", scheduler_kwargs={"dashboard": spec.dashboard},
             security=security, protocol="tls://" if security else None,
         )
     except Exception as exc:  # NVML and CUDA errors: one sentence, not their traceback
@@ -137,6 +149,9 @@ def _jobqueue(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, 
         options["job_extra_directives"] = [*options.get("job_extra_directives", []), directive]
     dashboard = {"dashboard_address": ":0"} if spec.dashboard else {"dashboard": False}
     options["scheduler_options"] = {**dashboard, **options.get("scheduler_options", {})}
+    if not spec.worker_profiler:  # the job's worker reads its config from the environment
+        env_key = "DASK_" + PROFILE_KEY.upper().replace(".", "__").replace("-", "_")
+        options["job_script_prologue"] = [*options.get("job_script_prologue", []), f"export {env_key}=False"]
     workers = spec.workers or 1
     try:
         cluster = cls(**options, security=security, protocol="tls://" if security else None)

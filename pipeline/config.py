@@ -205,6 +205,10 @@ class ClusterConfig(_Frozen):
     """GPU indices to use (``local-cuda``); none: every visible GPU."""
     dashboard: bool = True
     """Serve the Dask dashboard on a free port (needs ``bokeh``); not for ``address``."""
+    worker_profiler: bool = False
+    """Keep Dask's statistical profiler on in the workers (the dashboard's Profile page). It samples
+    every thread every 10 ms, about 3% of a core per worker here, so dasktrain turns it off in the
+    workers it starts (not for ``address``: set ``distributed.worker.profile.enabled`` there)."""
     wait_timeout: float = Field(default=120.0, gt=0)
     """Seconds to wait for the workers to arrive before failing (jobqueue: includes queueing time)."""
     address: str | None = Field(default=None, validate_default=True)
