@@ -78,6 +78,7 @@ from pipeline.driver import train
 from pipeline.ingest import write_store
 from pipeline.metrics import read_metrics
 from pipeline.models import build_model
+from pipeline.allocator import keep_freed_memory
 from pipeline.objective import build_optimizer
 
 MODELS = {
@@ -169,8 +170,10 @@ def _timing(batch: int, steps: list[float], data: list[float], reduce: list[floa
 
 # -- plain PyTorch -----------------------------------------------------------------------------
 
-def run_plain(config: RunConfig, threads: int, steps: int, device: str) -> Timing:
+def run_plain(config: RunConfig, threads: int, steps: int, device: str, tuned: bool = False) -> Timing:
     torch.set_num_threads(threads)
+    if tuned:
+        keep_freed_memory()
     inputs, targets = (torch.from_numpy(a).to(device) for a in load_store(config))
     model = build_model(config.model, 0).to(device)
     opt = build_optimizer(config.optimizer, list(model.parameters()))
@@ -196,8 +199,11 @@ def run_plain(config: RunConfig, threads: int, steps: int, device: str) -> Timin
 
 # -- torch DDP -------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, threads: int, steps: int, out: Any) -> None:
+def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, threads: int, steps: int, out: Any,
+                tuned: bool = False) -> None:
     torch.set_num_threads(threads)
+    if tuned:
+        keep_freed_memory()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         inputs, targets = load_store(config)
@@ -222,13 +228,13 @@ def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, threads: in
         dist.destroy_process_group()
 
 
-def run_ddp(config: RunConfig, world: int, threads: int, steps: int) -> Timing:
+def run_ddp(config: RunConfig, world: int, threads: int, steps: int, tuned: bool = False) -> Timing:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(world, port, config, threads, steps, out), nprocs=world, join=True,
+    mp.start_processes(_ddp_worker, args=(world, port, config, threads, steps, out, tuned), nprocs=world, join=True,
                        start_method="spawn")
     step_times, data_times = out.get(timeout=60)
     return _timing(config.train.batch_size, step_times, data_times, None)
@@ -305,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="data.cache: false for dasktrain")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
+    parser.add_argument("--tuned-baselines", action="store_true",
+                        help="give plain and DDP the allocator setting dasktrain workers use (pipeline/allocator.py)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -342,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         store = make_store(Path(tmp), shape, samples, chunk=max(64, args.batch // args.shards))
         for repeat in range(args.repeats):
             base = bench_config(args, store, Path(tmp) / f"r{repeat}")
-            attempt(plain_key, run_plain, base, args.workers * args.threads, steps, args.device)
+            attempt(plain_key, run_plain, base, args.workers * args.threads, steps, args.device, args.tuned_baselines)
             if ddp_key:
-                attempt(ddp_key, run_ddp, base, args.workers, args.threads, steps)
+                attempt(ddp_key, run_ddp, base, args.workers, args.threads, steps, args.tuned_baselines)
             for mode in modes:
                 cfg = bench_config(args, store, Path(tmp) / f"r{repeat}-{mode}", mode)
                 attempt(f"dasktrain {mode} ({where})", run_dasktrain, cfg)
@@ -354,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {info['torch']}, GPU: {', '.join(info['gpus']) or 'none'}, load {info['load_1min']}")
     print(f"model {args.model}, global batch {args.batch}, {samples} samples, {args.epochs} epochs, device {args.device}, "
           f"{args.threads} thread(s) per worker, accumulate {args.accumulate}, cache {'on' if args.cache else 'off'}, "
+          f"baselines' allocator {'tuned as dasktrain workers' if args.tuned_baselines else 'glibc defaults'}, "
           f"medians of {args.repeats} repeats over the second half of the steps\n")
     print_table(results, plain_key, ddp_key)
     if args.out:
