@@ -59,12 +59,17 @@ def open_cluster(spec: ClusterConfig) -> Iterator[Client]:
         cluster.close()
 
 
-PROFILE_KEY = "distributed.worker.profile.enabled"
+LEAN_CONFIG = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+"""Dask settings of ``cluster.lean`` (see its docstring)."""
 
 
 def _start(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
     # Nannies hand their config to the workers they start, now and on a restart.
-    with dask.config.set({PROFILE_KEY: spec.worker_profiler}):
+    with dask.config.set(LEAN_CONFIG if spec.lean else {}):
         return _start_kind(spec, security)
 
 
@@ -149,9 +154,10 @@ def _jobqueue(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, 
         options["job_extra_directives"] = [*options.get("job_extra_directives", []), directive]
     dashboard = {"dashboard_address": ":0"} if spec.dashboard else {"dashboard": False}
     options["scheduler_options"] = {**dashboard, **options.get("scheduler_options", {})}
-    if not spec.worker_profiler:  # the job's worker reads its config from the environment
-        env_key = "DASK_" + PROFILE_KEY.upper().replace(".", "__").replace("-", "_")
-        options["job_script_prologue"] = [*options.get("job_script_prologue", []), f"export {env_key}=False"]
+    if spec.lean:  # a job's worker reads its config from the environment
+        exports = [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
+                   for key, value in LEAN_CONFIG.items()]
+        options["job_script_prologue"] = [*options.get("job_script_prologue", []), *exports]
     workers = spec.workers or 1
     try:
         cluster = cls(**options, security=security, protocol="tls://" if security else None)

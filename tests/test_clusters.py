@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import pytest
 import yaml
 from distributed import Client, Security
@@ -114,12 +115,16 @@ def test_slurm_trains_on_two_worker_jobs_and_leaves_nothing(slurm: str, digits: 
         if event["kind"] == "start":  # the workers are up: they must be running SLURM jobs
             seen["jobs"] = squeue(name)
             seen["processes"] = processes_of_jobs({job[0] for job in seen["jobs"]})
+            seen["environ"] = {pid: Path(f"/proc/{pid}/environ").read_bytes() for pid in seen["processes"]}
 
     result = train(config, on_event=on_event)
     assert result.completed and result.model_path.exists()
     jobs = seen["jobs"]
     assert len(jobs) == 2 and all(state == "RUNNING" for _, state, _ in jobs), jobs
-    assert any("dask_worker" in cmd or "dask-worker" in cmd for cmd in seen["processes"].values()), seen["processes"]
+    workers = [pid for pid, cmd in seen["processes"].items() if "dask_worker" in cmd or "dask-worker" in cmd]
+    assert workers, seen["processes"]
+    # cluster.lean reached the job's worker through its environment.
+    assert b"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in seen["environ"][workers[0]].split(b"\0")
     ids = {job[0] for job in jobs}
     # Afterwards: the jobs were cancelled and their processes are gone.
     assert wait_until(lambda: not squeue(name), 30), squeue(name)
@@ -193,6 +198,17 @@ def test_address_trains_on_a_running_scheduler_and_leaves_it_running(digits: Pat
 # -- bad specs ---------------------------------------------------------------------------------
 
 @pytest.mark.timeout(30)
+@pytest.mark.timeout(120)
+def test_lean_turns_dask_housekeeping_down_in_the_workers_it_starts() -> None:
+    keys = ("distributed.worker.profile.enabled", "distributed.admin.tick.interval")
+    seen = {}
+    for lean in (True, False):
+        with open_cluster(ClusterConfig(workers=1, dashboard=False, lean=lean)) as client:
+            seen[lean] = next(iter(client.run(lambda: [dask.config.get(k) for k in keys]).values()))
+    assert seen[True] == [False, "500ms"]
+    assert seen[False] == [dask.config.get(keys[0]), dask.config.get(keys[1])] == [True, "20ms"]
+
+
 def test_unknown_kind_names_the_spec_file_and_field(tmp_path: Path) -> None:
     path = spec_file(tmp_path, "k8s.yaml", {"kind": "kubernetes", "workers": 2})
     with pytest.raises(ConfigError, match=r"k8s\.yaml: unknown kind 'kubernetes' in 'cluster\.kind' \(kinds: local, "):
