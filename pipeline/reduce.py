@@ -80,16 +80,17 @@ def _partial_from_wire(wire: dict[NodeId, tuple[np.ndarray, bool]], stats: StepS
     return Partial(grads, stats)
 
 
-def sum_in_order(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+def sum_in_order(tensors: Sequence[torch.Tensor], keep_fp32: bool = False) -> torch.Tensor:
     """Sum left to right into a fresh tensor: the single summation rule of the whole tree.
 
-    The sum is taken in fp32 and returned in the inputs' dtype, so gradients that travel in
-    bf16 (``grad_transfer: bf16``) are still accumulated in fp32 at every node.
+    The sum is taken in fp32 and returned in the inputs' dtype (fp32 with ``keep_fp32``, for a
+    value that travels no further), so gradients that travel in bf16 (``grad_transfer: bf16``)
+    are still accumulated in fp32 at every node.
     """
     total = tensors[0].to(torch.float32, copy=True)
     for t in tensors[1:]:
         total.add_(t)
-    return total.to(tensors[0].dtype)
+    return total if keep_fp32 else total.to(tensors[0].dtype)
 
 
 def default_fan_in(leaves: int) -> int:
@@ -148,7 +149,7 @@ class ReductionTree:
         return sum_in_order([self.sum_subtree(c, leaf_values) for c in self.children(node)])
 
 
-def combine(node: NodeId, picks: list[tuple[int, NodeId, bool]], *sources: Partial) -> Partial:
+def combine(node: NodeId, picks: list[tuple[int, NodeId, bool]], *sources: Partial, keep_fp32: bool = False) -> Partial:
     """Dask task: the value of ``node`` from its children, each picked from one of ``sources``.
 
     ``picks`` lists ``(source index, child node, take that source's stats)`` in child order.
@@ -159,7 +160,7 @@ def combine(node: NodeId, picks: list[tuple[int, NodeId, bool]], *sources: Parti
         source_stats = sources[i].stats
         if take and source_stats is not None:
             stats = stats + source_stats
-    return Partial({node: sum_in_order(grads)} if grads else {}, stats)
+    return Partial({node: sum_in_order(grads, keep_fp32)} if grads else {}, stats)
 
 
 Pick = tuple[int, NodeId, bool]
@@ -177,7 +178,8 @@ class RootRecipe:
     picks: tuple[Pick, ...]
 
     def combine(self, sources: Sequence[Partial]) -> Partial:
-        return combine(self.node, list(self.picks), *sources)
+        """The root, in fp32: it is summed where it is used and never travels."""
+        return combine(self.node, list(self.picks), *sources, keep_fp32=True)
 
 
 def stats_of(partial: Partial) -> StepStats | None:

@@ -186,7 +186,7 @@ class Replica:
         dtype = torch.bfloat16 if self.spec.config.train.grad_transfer == "bf16" else torch.float32
         t1 = time.perf_counter()
         # Dask sends host tensors; the reduction tasks sum in fp32 whatever they receive.
-        out = {node: self.place.to_host(g).to(dtype) for node, g in grads.items()}
+        out = {node: self.place.to_host(g.to(dtype)) for node, g in grads.items()}
         stats.compute_s += time.perf_counter() - t1
         return out
 

@@ -23,12 +23,12 @@ from tests.test_faults import kill_worker_at, regroups, training_samples
 
 pytestmark = pytest.mark.timeout(240)
 
-MODES = {
-    "collective": ({"reduce": "collective"}, 1e-5),
-    "collective-accumulate": ({"reduce": "collective", "accumulate": 3}, 1e-5),
-    "tree-accumulate": ({"accumulate": 4}, 1e-5),
+MODES = {  # name: (train settings, data settings, relative tolerance against the reference)
+    "collective": ({"reduce": "collective"}, {}, 1e-5),
+    "collective-accumulate-cache": ({"reduce": "collective", "accumulate": 3}, {"cache": True}, 1e-5),
+    "tree-accumulate": ({"accumulate": 4}, {}, 1e-5),
     # bf16 keeps 8 bits of mantissa: each transfer rounds by up to 2**-9 of a gradient.
-    "tree-bf16": ({"grad_transfer": "bf16"}, 2e-2),
+    "tree-bf16-cache": ({"grad_transfer": "bf16"}, {"cache": True}, 2e-2),
 }
 
 
@@ -43,16 +43,16 @@ def client(request):
         yield c
 
 
-def mode_config(store, out, **train):
+def mode_config(store, out, data=None, **train):
     return run_config(store, out, optimizer={"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
                       schedule={"name": "warmup_cosine", "warmup_steps": 5, "min_lr": 1e-4},
-                      data={"store": str(store), "validation": {"fraction": 0.2}}, train=train)
+                      data={"store": str(store), "validation": {"fraction": 0.2}, **(data or {})}, train=train)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_mode_equals_single_process(store, client, tmp_path, mode):
-    options, tolerance = MODES[mode]
-    config = mode_config(store, tmp_path / "run", **options)
+    options, data, tolerance = MODES[mode]
+    config = mode_config(store, tmp_path / "run", data, **options)
     result = train(config, client=client)
     assert result.completed and result.steps == 2 * 29
     assert [e["val_samples"] for e in result.epochs] == [384, 384]
@@ -61,7 +61,9 @@ def test_mode_equals_single_process(store, client, tmp_path, mode):
     assert sum(r["samples"] for r in steps) == 2 * 1413
     error = max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config))
     assert error < tolerance
-    if mode == "tree-bf16":
+    if data.get("cache"):  # the store was read once: each training chunk in epoch 0, none after
+        assert [sum(r["chunks_read"] for r in steps if r["epoch"] == e) for e in (0, 1)] == [23, 0]
+    if "bf16" in mode:
         assert error > 1e-6  # the rounding is real: the gradients did travel in bf16
 
 
