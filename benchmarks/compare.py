@@ -73,12 +73,12 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import zarr
 
+from pipeline.allocator import keep_freed_memory
 from pipeline.config import RunConfig, validate_config
 from pipeline.driver import train
 from pipeline.ingest import write_store
 from pipeline.metrics import read_metrics
 from pipeline.models import build_model
-from pipeline.allocator import keep_freed_memory
 from pipeline.objective import build_optimizer
 
 MODELS = {
