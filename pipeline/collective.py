@@ -38,6 +38,11 @@ DEFAULT_TIMEOUT_S = 120.0
 """Seconds a rank waits for the others in one collective when ``train.step_timeout`` is unset."""
 
 
+class PeerFailedError(DasktrainError):
+    """Raised on the ranks whose step was fine when another rank's failed: the other rank's
+    error is the one to report."""
+
+
 class CollectiveGroup:
     """One rank's process group of a run's generation, and the store it met the others through."""
 
@@ -154,8 +159,8 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
             if failure is not None:
                 raise failure
             if totals[_FAILED]:
-                raise DasktrainError(f"global step {t} failed on another worker of the process group; "
-                                     "its error is the one this run reports")
+                raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
+                                      "its error is the one this run reports")
             group.sum_(flat)
             reduced_s = time.perf_counter() - reduce_began
             summed = StepStats(loss_sum=totals[0], count=round(totals[1]), correct=round(totals[2]),

@@ -23,7 +23,7 @@ import numpy as np
 from distributed import Client, Future
 
 from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_model
-from pipeline.collective import SegmentEnd, join_group, open_rendezvous, run_segment
+from pipeline.collective import PeerFailedError, SegmentEnd, join_group, open_rendezvous, run_segment
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ClusterError, DasktrainError
 from pipeline.metrics import MetricsLog
@@ -383,15 +383,14 @@ class _Session:
             return self._wait(entry)
         except _WorkersChanged:
             raise
-        except Exception as exc:
-            if "on another worker" not in str(exc):
-                raise
+        except PeerFailedError:
             for task in entry.tasks[1:]:
                 try:
                     task.result(timeout=30)
+                except PeerFailedError:
+                    continue
                 except Exception as cause:
-                    if "on another worker" not in str(cause):
-                        raise cause from None
+                    raise cause from None
             raise
 
     def _form_group(self) -> None:
