@@ -32,9 +32,9 @@ MODES = {  # name: (train settings, data settings, relative tolerance against th
 }
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    return write_store(tmp_path_factory.mktemp("data") / "digits.zarr", example_arrays("digits"), chunk_size=64)
+@pytest.fixture
+def store(digits_store):
+    return digits_store  # the session's digits store (conftest.py): read only here
 
 
 @pytest.fixture(scope="module")
