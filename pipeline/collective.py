@@ -150,7 +150,7 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
                 grads = replica.local_grads(t, stats)
                 (flat,) = grads.values()
             except Exception as exc:  # every rank must reach the all-reduce below, failed or not
-                failure, flat = exc, replica.place.zeros(replica.numel)
+                failure, flat = exc, replica.place.zeros(replica.width)
             vector = torch.tensor([float(getattr(stats, f)) for f in _STATS] + [1.0 if failure else 0.0],
                                   dtype=torch.float64, device=group.device)
             reduce_began = time.perf_counter()

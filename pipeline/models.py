@@ -1,8 +1,9 @@
 """Built-in models and the one way every process builds a model from its config.
 
-Both built-ins are ``nn.Sequential`` without batch statistics, so a data-parallel replica
-computes exactly what a single process computes on the same batch, and the pipeline-parallel
-path can cut them into stages.
+Both built-ins are ``nn.Sequential``, so the pipeline-parallel path can cut them into stages.
+Their optional dropout (MLP) and BatchNorm (CNN) layers follow the data-parallel policies of
+:mod:`pipeline.streams` (random streams keyed by shard, not worker) and
+:mod:`pipeline.running_stats` (running statistics reduced with the gradients).
 """
 
 from __future__ import annotations
@@ -25,14 +26,19 @@ def mlp(
     hidden: Sequence[int] = (128,),
     activation: str = "relu",
     dropout: float = 0.0,
+    batch_norm: bool = False,
 ) -> nn.Sequential:
-    """Multi-layer perceptron; inputs of any per-sample shape are flattened first."""
+    """Multi-layer perceptron; inputs of any per-sample shape are flattened first. Each hidden
+    layer is Linear, (BatchNorm1d with ``batch_norm``), activation, (Dropout when ``dropout``)."""
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for size in hidden:
-        layers += [nn.Linear(width, size), _ACTIVATIONS[activation]()]
+        layers.append(nn.Linear(width, size))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(size))
+        layers.append(_ACTIVATIONS[activation]())
         if dropout:
             layers.append(nn.Dropout(dropout))
         width = size
@@ -46,12 +52,17 @@ def cnn(
     image_size: int = 32,
     channels: Sequence[int] = (64, 64, 128, 128),
     hidden: int = 256,
+    batch_norm: bool = False,
 ) -> nn.Sequential:
-    """Small VGG-style CNN: 3x3 conv layers, a 2x2 max-pool after every second, two linear layers."""
+    """Small VGG-style CNN: 3x3 conv layers (each followed by BatchNorm with ``batch_norm``), a
+    2x2 max-pool after every second, two linear layers."""
     layers: list[nn.Module] = []
     width, size = in_channels, image_size
     for i, ch in enumerate(channels):
-        layers += [nn.Conv2d(width, ch, kernel_size=3, padding=1), nn.ReLU()]
+        layers.append(nn.Conv2d(width, ch, kernel_size=3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(nn.BatchNorm2d(ch))
+        layers.append(nn.ReLU())
         if i % 2 == 1:
             layers.append(nn.MaxPool2d(2))
             size //= 2

@@ -40,7 +40,9 @@ from pipeline.models import build_model
 from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
 from pipeline.preflight import plan_for
 from pipeline.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
+from pipeline.running_stats import RunningStats
 from pipeline.store import Chunk, DatasetInfo
+from pipeline.streams import needs_per_shard_forward, seed_unit
 
 if TYPE_CHECKING:
     from pipeline.collective import CollectiveGroup
@@ -103,6 +105,11 @@ class Replica:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
+        self.running = RunningStats(self.model)
+        self.width = self.numel + self.running.numel
+        """Length of the flat buffer a step sums: gradients, then running-statistics updates."""
+        self.shard_wise = needs_per_shard_forward(self.model)
+        """Fast mode runs one forward unit per shard (not one fused pass): see pipeline/streams.py."""
         self.optimizer = build_optimizer(cfg.optimizer, self.params)
         self.applied = spec.applied
         """Updates applied so far: the global step the next computed gradient belongs to."""
@@ -179,6 +186,7 @@ class Replica:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.running.apply(flat[self.numel:])
 
     def _compute(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
         """The worker's partial sums of step ``t``, as host tensors in the transfer dtype."""
@@ -192,43 +200,56 @@ class Replica:
 
     def local_grads(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
         """Forward/backward of step ``t`` over the worker's shards: fp32 sums on the device, by
-        the tree node each one is (one node in fast mode, the worker's cover in deterministic mode)."""
+        the tree node each one is (one node in fast mode, the worker's cover in deterministic mode).
+
+        Each buffer holds the gradient sum, then the running-statistics update
+        (:mod:`pipeline.running_stats`)."""
         cfg = self.spec.config
         epoch, k = self.plan.locate(t)
         batches = self.feed.step_batches(epoch, k)
         stats.data_wait_s = self.feed.take_wait()
         stats.chunks_read = self.feed.take_reads()
         t1 = time.perf_counter()
-        # Dropout masks follow the plan (seed, step), not the worker.
-        torch.manual_seed(cfg.train.seed * 1_000_003 + t)
         self.model.train()
         if cfg.train.ledger:
             self._record_ledger(t)
-        if cfg.train.deterministic:
-            # One micro-batch per shard, summed locally with the tree's own additions.
-            leaves = {s: self._grad_of([b], t, stats) for s, b in zip(self.spec.shards, batches)}
-            grads = {node: self.tree.sum_subtree(node, leaves) for node in self.spec.cover}
-        else:
-            # Fast mode: the worker's shards fused into one forward/backward.
-            (node,) = self.spec.cover
-            grads = {node: self._grad_of(batches, t, stats)}
+        shards = self.spec.shards
+        self.running.begin_step()
+        try:
+            if cfg.train.deterministic:
+                # One forward unit per shard, each its own leaf, summed locally with the tree's own additions.
+                leaves = {s: self._grad_of([(s, b)], t, stats) for s, b in zip(shards, batches)}
+                grads = {node: self.tree.sum_subtree(node, leaves) for node in self.spec.cover}
+            else:
+                (node,) = self.spec.cover
+                units = list(zip(shards, batches)) if self.shard_wise else [(shards[0], join_batches(batches))]
+                grads = {node: self._grad_of(units, t, stats)}
+        finally:
+            self.running.end_step()
         stats.compute_s = time.perf_counter() - t1
         return grads
 
-    def _grad_of(self, batches: list[Batch], t: int, stats: StepStats) -> torch.Tensor:
-        """Flat sum-of-sample gradients of ``batches`` (zeros when they are empty), taken in
-        ``train.accumulate`` micro-batches one after the other."""
-        flat = self.place.zeros(self.numel)
-        x_all, y_all = join_batches(batches)
-        if len(x_all) == 0:
-            return flat
+    def _grad_of(self, units: list[tuple[int, Batch]], t: int, stats: StepStats) -> torch.Tensor:
+        """Flat sum-of-sample gradients (and running-statistics updates) of ``units``, each a
+        shard's batch taken in ``train.accumulate`` pieces; zeros when they are empty.
+
+        Before each piece the random stream is reseeded from (seed, step, shard, piece), so a
+        piece draws the same dropout masks whichever worker runs it."""
+        cfg = self.spec.config
+        flat = self.place.zeros(self.width)
         self._bind_grads(flat)  # backward accumulates straight into the flat buffer
-        pieces = min(self.spec.config.train.accumulate, len(x_all))
-        bounds = np.linspace(0, len(x_all), pieces + 1).round().astype(int)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            if not self._accumulate(x_all[lo:hi], y_all[lo:hi], t, stats):
-                stats.count += len(x_all) - int(hi)  # the rest of the void step, counted all the same
-                return self.place.zeros(self.numel)
+        stats_segment = flat[self.numel:]
+        for u, (shard, (x_all, y_all)) in enumerate(units):
+            pieces = min(cfg.train.accumulate, len(x_all))
+            bounds = np.linspace(0, len(x_all), pieces + 1).round().astype(int)
+            for piece, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                seed_unit(cfg.train.seed, t, shard, piece)
+                self.running.begin_unit()
+                if not self._accumulate(x_all[lo:hi], y_all[lo:hi], t, stats):
+                    # The step is void: the rest of its samples are counted all the same.
+                    stats.count += len(x_all) - int(hi) + sum(len(x) for _, (x, _) in units[u + 1:])
+                    return self.place.zeros(self.width)
+                self.running.end_unit(stats_segment, int(hi - lo))
         return flat
 
     def _accumulate(self, x_host: Any, y_host: Any, t: int, stats: StepStats) -> bool:
@@ -283,7 +304,7 @@ class Replica:
 
     def _bind_grads(self, flat: torch.Tensor) -> None:
         """Make every parameter's ``.grad`` a view into ``flat``."""
-        for p, view in zip(self.params, flat.split(self.sizes)):
+        for p, view in zip(self.params, flat[: self.numel].split(self.sizes)):
             p.grad = view.view_as(p)
 
     # -- validation and checkpoints ---------------------------------------------------------

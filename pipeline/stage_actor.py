@@ -53,6 +53,7 @@ from pipeline.preflight import plan_for
 from pipeline.reduce import sum_in_order
 from pipeline.stages import build_layers, full_key, local_key, stage_module
 from pipeline.store import Chunk, DatasetInfo
+from pipeline.streams import seed_unit
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,6 @@ class PipelineStage:
                                  "micro_batches": len(slices)}
         self.flat.zero_()
         self._bind_grads(self.flat)  # backward accumulates every micro-batch straight into it
-        torch.manual_seed(cfg.train.seed * 1_000_003 + t)
         self.module.train()
         sent: list[Any] = []
         alive: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -231,6 +231,8 @@ class PipelineStage:
             if first_op:
                 start, first_op = time.time(), False
             if op == "F":
+                # Dropout masks keyed by (step, micro-batch of the whole batch, stage): see pipeline/streams.py.
+                seed_unit(cfg.train.seed, t, self.replica * par.micro_batches + j, stage=self.stage)
                 out = self._forward(t, j, x, y_all, slices, stats)
                 alive[j] = (x, out)
                 peak = max(peak, len(alive))
