@@ -9,7 +9,8 @@ source .venv/bin/activate
 if [ ! -d data/digits.zarr ]; then
   dasktrain ingest data/digits.zarr --example digits --chunk-size 64
 fi
-if [ -d runs/digits/checkpoints ]; then
+# A second run of the example goes to a fresh directory, unless the arguments name one.
+if [ -d runs/digits/checkpoints ] && [[ " $* " != *"output_dir="* ]]; then
   echo "example: runs/digits already holds a run; starting a fresh one in runs/digits-$(date +%s)"
   set -- --set "output_dir=runs/digits-$(date +%s)" "$@"
 fi

@@ -1,0 +1,80 @@
+"""What users meet first, run as they run it: the example script and the benchmark runner.
+
+``scripts/example.sh`` runs with ``PREFECT_API_URL`` removed from the environment, so the flow
+reports to Prefect's embedded local API (what a user without a server gets), not to the server
+the test command starts for the rest of the suite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.compare import MODES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_command(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Run ``args`` in the repository in a session of its own; on timeout kill that session
+    (the command and the cluster it started, by process group). Returns (exit code, output)."""
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{' '.join(args)} did not finish in {timeout} s; its output:\n{tail(output)}")
+    return proc.returncode, output
+
+
+def tail(output: str, chars: int = 8000) -> str:
+    return output if len(output) <= chars else "...\n" + output[-chars:]
+
+
+@pytest.mark.timeout(600)
+def test_example_script_trains_with_the_embedded_prefect_api(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile of this machine's can name a server
+    out = tmp_path / "run"
+    command = ["bash", "scripts/example.sh", "--set", "train.epochs=2", "--set", f"output_dir={out}"]
+    code, output = run_command(command, env, timeout=540)
+    context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
+    assert code == 0, context
+    assert (out / "model.safetensors").is_file(), context
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1], context
+    assert all(r["val_accuracy"] > 0.5 for r in epochs), context
+    # The printed epoch table: its header and one row per epoch; then where the model went.
+    assert re.search(r"epoch\s*┃\s*train loss\s*┃\s*val loss\s*┃\s*val accuracy", output), context
+    rows = re.findall(r"^│\s+(\d+)\s+│\s+\d+\.\d+\s+│", output, flags=re.MULTILINE)
+    assert rows == ["1", "2"], context
+    assert f"model:   {out / 'model.safetensors'}" in output, context
+    assert "runs/digits already holds a run" not in output, context
+
+
+@pytest.mark.timeout(300)
+def test_benchmark_runner_prints_every_contender(tmp_path):
+    figures = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "benchmarks", "--model", "mlp", "--workers", "2", "--batch", "64",
+               "--samples", "256", "--epochs", "1", "--repeats", "1", "--out", str(figures)]
+    code, output = run_command(command, dict(os.environ), timeout=240)
+    context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
+    assert code == 0, context
+    expected = ["plain PyTorch (1 process, 2 threads)", "torch DDP gloo (2 processes)",
+                *(f"dasktrain {mode} (2 workers)" for mode in MODES)]
+    results = json.loads(figures.read_text())["results"]
+    assert sorted(results) == sorted(expected), context
+    for name in expected:
+        row = [line for line in output.splitlines() if line.startswith(name)]
+        assert len(row) == 1 and "failed" not in row[0], f"row of {name!r}: {row}; {context}"
+        assert all(isinstance(run, dict) for run in results[name]), f"{name}: {results[name]}; {context}"
