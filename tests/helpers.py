@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from pipeline.config import RunConfig, validate_config
 from pipeline.ingest import write_store
+from pipeline.preflight import build_plan, resolve_splits
 
 
 def run_config(store: Path | str, out: Path | str, **sections: dict[str, Any]) -> RunConfig:
@@ -48,6 +49,19 @@ def local_client(workers: int, threads: int = 1) -> Iterator[Client]:
                       scheduler_kwargs={"dashboard": False}, memory_limit="2GiB") as cluster, Client(cluster) as client:
         client.wait_for_workers(workers, timeout=60)
         yield client
+
+
+def plan_batches(config: RunConfig) -> list[np.ndarray]:
+    """Store sample indices of every global batch of the run, step by step, from the public plan API."""
+    plan = build_plan(config, resolve_splits(config))
+    return [plan.epoch(e).global_batch(k) for e in range(config.train.epochs) for k in range(plan.steps_per_epoch)]
+
+
+def plan_shard_batches(config: RunConfig) -> list[list[np.ndarray]]:
+    """Per global step, per shard: the store sample indices the plan gives that shard (public plan API)."""
+    plan = build_plan(config, resolve_splits(config))
+    return [[plan.epoch(e).samples_of(k, s) for s in range(config.train.shards)]
+            for e in range(config.train.epochs) for k in range(plan.steps_per_epoch)]
 
 
 def saved_weights(run_dir: Path | str) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pipeline.metrics import read_metrics
 from pipeline.plan import SamplingPlan
 from pipeline.preflight import build_plan, resolve_splits
 from pipeline.store import Chunk, ChunkReader, DatasetInfo, open_dataset
-from tests.helpers import local_client, run_config, saved_weights, synthetic_store
+from tests.helpers import local_client, plan_batches, run_config, saved_weights, synthetic_store
 from tests.reference import max_relative_error, reference_weights
 
 has_cuda = torch.cuda.is_available()
@@ -218,7 +218,7 @@ def test_cached_run_on_a_cluster_equals_single_process(digits_store: Path, tmp_p
     with local_client(2) as client:
         result = train(config, client=client)
     assert result.completed and result.steps == 3 * 18
-    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
     # The store is read once per run: every training chunk in epoch 0 (prefetch may take the
     # first ones before step 0 asks), none after.
     steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]

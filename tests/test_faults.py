@@ -17,7 +17,7 @@ from pipeline.ingest import example_arrays, write_store
 from pipeline.ledger import check_exactly_once
 from pipeline.metrics import read_metrics
 from pipeline.preflight import build_plan, resolve_splits
-from tests.helpers import local_client, run_config, saved_weights
+from tests.helpers import local_client, plan_batches, run_config, saved_weights
 from tests.reference import max_relative_error, reference_weights
 
 pytestmark = pytest.mark.timeout(240)
@@ -28,10 +28,16 @@ def store(tmp_path_factory):
     return write_store(tmp_path_factory.mktemp("data") / "digits.zarr", example_arrays("digits"), chunk_size=64)
 
 
-def fault_config(store, out, **train):
+STOCHASTIC_MLP = {"factory": "pipeline.models:mlp", "kwargs": {
+    "in_features": 64, "out_features": 10, "hidden": [32], "dropout": 0.2, "batch_norm": True}}
+"""Dropout and BatchNorm: the deterministic fault tests hold masks and running statistics bitwise too."""
+
+
+def fault_config(store, out, model=None, **train):
+    sections = {"model": model} if model else {}
     return run_config(store, out, optimizer={"name": "adamw", "lr": 0.003},
                       train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3, "ledger": True, **train},
-                      checkpoint={"every_steps": 10, "keep": 2})
+                      checkpoint={"every_steps": 10, "keep": 2}, **sections)
 
 
 def kill_worker_at(client, steps):
@@ -67,11 +73,11 @@ def test_killed_worker_fast_mode_finishes_with_exact_accounting(store, tmp_path)
     events = regroups(tmp_path / "run")
     assert events and events[0]["lost"], events
     check_exactly_once(tmp_path / "run", training_samples(config), epochs=2)
-    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
 
 
 def deterministic_reference(store, tmp_path):
-    config = fault_config(store, tmp_path / "clean", deterministic=True)
+    config = fault_config(store, tmp_path / "clean", model=STOCHASTIC_MLP, deterministic=True)
     with local_client(2) as client:
         train(config, client=client)
     return config, saved_weights(tmp_path / "clean")
@@ -113,7 +119,7 @@ def test_deterministic_bitwise_after_kill_and_after_join(store, tmp_path):
 
 def test_soak_three_epochs_kills_and_joins(store, tmp_path):
     """Every few steps a worker is killed; its nanny starts a fresh one, which joins the run."""
-    config = fault_config(store, tmp_path / "clean", deterministic=True, epochs=3)
+    config = fault_config(store, tmp_path / "clean", model=STOCHASTIC_MLP, deterministic=True, epochs=3)
     with local_client(2) as client:
         train(config, client=client)
     clean = saved_weights(tmp_path / "clean")
@@ -227,4 +233,4 @@ def test_straggler_past_step_timeout_is_treated_as_lost(store, tmp_path):
     events = regroups(tmp_path / "run")
     assert any("step_timeout" in e["reason"] for e in events), events
     check_exactly_once(tmp_path / "run", training_samples(config), epochs=1)
-    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5

@@ -20,7 +20,7 @@ from pipeline.driver import train
 from pipeline.errors import ClusterError, ConfigError
 from pipeline.stage_actor import schedule
 from pipeline.stages import balanced_bounds
-from tests.helpers import local_client, run_config, saved_weights, synthetic_store
+from tests.helpers import local_client, plan_batches, run_config, saved_weights, synthetic_store
 from tests.processes import dask_processes
 from tests.reference import max_relative_error, reference_weights
 from tests.test_thin_driver import ByteCounter
@@ -80,7 +80,7 @@ def test_pp_equals_single_process(store, client, tmp_path, stages, m, sched):
     result = train(config, client=client)
     assert result.completed and result.steps == 6
     got = saved_weights(tmp_path / "run")
-    expected = reference_weights(config)
+    expected = reference_weights(config, plan_batches(config))
     assert got.keys() == expected.keys()  # the stages' parts make up the full Sequential
     assert max_relative_error(got, expected) < 1e-5
 
@@ -91,7 +91,7 @@ def test_dp_x_pp_equals_single_process(store, client, tmp_path):
     events = []
     train(config, client=client, on_event=events.append)
     assert len(steps_of(events)[0]["stage_busy_s"]) == 4  # 2 replicas x 2 stages ran every step
-    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
 
 
 # -- 2. 1F1B holds at most P activations, GPipe m ---------------------------------------------

@@ -17,7 +17,7 @@ from pipeline.ingest import example_arrays, write_store
 from pipeline.ledger import check_exactly_once
 from pipeline.metrics import read_metrics
 from pipeline.preflight import build_plan, resolve_splits
-from tests.helpers import local_client, run_config, saved_weights
+from tests.helpers import local_client, plan_batches, run_config, saved_weights
 from tests.reference import max_relative_error, reference_weights
 from tests.test_faults import kill_worker_at, regroups, training_samples
 
@@ -27,6 +27,7 @@ MODES = {  # name: (train settings, data settings, relative tolerance against th
     "collective": ({"reduce": "collective"}, {}, 1e-5),
     "collective-accumulate-cache": ({"reduce": "collective", "accumulate": 3}, {"cache": True}, 1e-5),
     "tree-accumulate": ({"accumulate": 4}, {}, 1e-5),
+    "tree-deterministic-accumulate-cache": ({"deterministic": True, "accumulate": 3}, {"cache": True}, 1e-5),
     # bf16 keeps 8 bits of mantissa: each transfer rounds by up to 2**-9 of a gradient.
     "tree-bf16-cache": ({"grad_transfer": "bf16"}, {"cache": True}, 2e-2),
 }
@@ -59,7 +60,7 @@ def test_mode_equals_single_process(store, client, tmp_path, mode):
     steps = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
     assert [r["global_step"] for r in steps] == list(range(58))
     assert sum(r["samples"] for r in steps) == 2 * 1413
-    error = max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config))
+    error = max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config)))
     assert error < tolerance
     if data.get("cache"):  # the store was read once: each training chunk in epoch 0, none after
         assert [sum(r["chunks_read"] for r in steps if r["epoch"] == e) for e in (0, 1)] == [23, 0]
@@ -72,7 +73,7 @@ def test_collective_on_three_workers_equals_single_process(store, tmp_path):
     config = mode_config(store, tmp_path / "run", reduce="collective", accumulate=2)
     with local_client(3) as client:
         train(config, client=client)
-    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
 
 
 def test_collective_rejects_what_it_cannot_honour(store, tmp_path):
@@ -94,7 +95,7 @@ def test_collective_killed_worker_regroups_with_exact_accounting(store, tmp_path
     events = regroups(tmp_path / "run")
     assert events and events[0]["lost"], events
     check_exactly_once(tmp_path / "run", training_samples(config), epochs=2)
-    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config)) < 1e-5
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
 
 
 def test_collective_nan_on_one_rank_stops_every_rank_naming_the_step(tmp_path):

@@ -3,23 +3,19 @@
 Dropout masks are keyed by (seed, step, shard, piece), and BatchNorm's running statistics are
 reduced with the gradients (pipeline/running_stats.py documents the policy), so deterministic
 mode gives bitwise-equal weights *and buffers* on 1, 2 and 4 workers. The BatchNorm CNN is also
-held to its own single-process reference, a plain PyTorch loop written here that applies the
-documented policy shard by shard; it takes only the plan's sample indices from dasktrain.
+held to its own single-process reference (tests/reference.py), a plain PyTorch loop that applies
+the documented policy shard by shard; it takes only the plan's sample indices from dasktrain.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-import zarr
-from torch import nn
 
 from pipeline.driver import train
 from pipeline.ingest import example_arrays, write_store
-from pipeline.preflight import build_plan, resolve_splits
-from tests.helpers import local_client, run_config, saved_weights
+from tests.helpers import local_client, plan_shard_batches, run_config, saved_weights
+from tests.reference import max_relative_error, reference_weights
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,72 +41,6 @@ def configs(digits_store, image_store, out, **train):
     }
 
 
-def plain_cnn(seed: int) -> nn.Sequential:
-    """pipeline.models:cnn(**CNN_KWARGS) written out: the same layers built in the same order."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16 * 4 * 4, 32), nn.ReLU(), nn.Linear(32, 10),
-    )
-
-
-def reference_cnn(store, shard_batches) -> dict[str, torch.Tensor]:
-    """The documented policy in one process: per step, every shard's micro-batch runs forward from
-    the step's starting statistics; gradients and statistic updates are summed weighted by samples
-    and divided by the step's sample count; then AdamW steps with the constant lr."""
-    group = zarr.open_group(str(store), mode="r")
-    inputs, targets = np.asarray(group["inputs"][:]), np.asarray(group["targets"][:])
-    model = plain_cnn(TRAIN["seed"])
-    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    opt = torch.optim.AdamW(model.parameters(), lr=ADAMW["lr"], weight_decay=ADAMW["weight_decay"])
-    model.train()
-    for shards in shard_batches:
-        start = [(m.running_mean.clone(), m.running_var.clone()) for m in norms]
-        tracked = [int(m.num_batches_tracked) for m in norms]
-        update = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in start]
-        opt.zero_grad()
-        count = 0
-        for idx in shards:
-            if len(idx) == 0:
-                continue
-            for m, (mean, var) in zip(norms, start):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-            out = model(torch.from_numpy(inputs[idx]).float())
-            F.cross_entropy(out, torch.from_numpy(targets[idx]).long(), reduction="sum").backward()
-            for m, (mean, var), (du_mean, du_var) in zip(norms, start, update):
-                du_mean += len(idx) * (m.running_mean - mean)
-                du_var += len(idx) * (m.running_var - var)
-            count += len(idx)
-        for p in model.parameters():
-            p.grad /= count
-        for m, (mean, var), (du_mean, du_var) in zip(norms, start, update):
-            m.running_mean.copy_(mean + du_mean / count)
-            m.running_var.copy_(var + du_var / count)
-        for m, n in zip(norms, tracked):
-            m.num_batches_tracked.fill_(n + 1)  # one step, however many micro-batches
-        opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def shard_batches_of(config) -> list[list[np.ndarray]]:
-    """Per step, per shard: the sample indices of the plan (dasktrain's public plan API)."""
-    plan = build_plan(config, resolve_splits(config))
-    out = []
-    for t in range(config.train.epochs * plan.steps_per_epoch):
-        epoch, k = plan.locate(t)
-        ep = plan.epoch(epoch)
-        out.append([ep.samples_of(k, s) for s in range(config.train.shards)])
-    return out
-
-
-def relative_error(a, b) -> float:
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    return max(float((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp_min(1e-12))
-               for k in a)
-
-
 def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_store, image_store, tmp_path):
     weights: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     fast: dict[str, torch.Tensor] = {}
@@ -131,6 +61,7 @@ def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_st
     cnn = weights[1]["cnn-batchnorm"]
     assert float(cnn["1.running_mean"].abs().max()) > 0.01  # the statistics did move, and were saved
     assert int(cnn["1.num_batches_tracked"]) == 29  # one per step: 1797 samples, batch 64
-    expected = reference_cnn(image_store, shard_batches_of(configs(digits_store, image_store, tmp_path)["cnn-batchnorm"]))
-    assert relative_error(cnn, expected) < 1e-5
-    assert relative_error(fast, expected) < 1e-5
+    cnn_config = configs(digits_store, image_store, tmp_path)["cnn-batchnorm"]
+    expected = reference_weights(cnn_config, plan_shard_batches(cnn_config))
+    assert max_relative_error(cnn, expected) < 1e-5
+    assert max_relative_error(fast, expected) < 1e-5
