@@ -8,8 +8,6 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.models import mlp
-
 
 class HangIfFlagged(nn.Module):
     def __init__(self, flag: str, seconds: float) -> None:
@@ -24,5 +22,11 @@ class HangIfFlagged(nn.Module):
         return x
 
 
-def sleepy_mlp(flag: str, seconds: float = 15.0, **kwargs) -> nn.Sequential:
-    return nn.Sequential(HangIfFlagged(flag, seconds), *mlp(**kwargs))
+def sleepy_mlp(flag: str, seconds: float = 15.0, in_features: int = 64, out_features: int = 10,
+               hidden: tuple[int, ...] = (32,)) -> nn.Sequential:
+    """The hang, then a plain ReLU MLP built here (the reference loop imports this module too)."""
+    widths = [in_features, *hidden]
+    layers: list[nn.Module] = [HangIfFlagged(flag, seconds), nn.Flatten()]
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(widths[-1], out_features))
