@@ -1,16 +1,18 @@
 """Atomic checkpoints: tensors in safetensors (no pickle), everything else in JSON.
 
 A checkpoint is a directory ``checkpoints/step-NNNNNNNN`` holding ``model.safetensors``,
-``optimizer.safetensors`` and ``state.json`` (global step, epoch, config digest, the config and
-the optimizer's non-tensor state). It is written under a temporary name, every file is fsynced,
-then the directory is renamed into place and its parent fsynced: a process killed at any point
-leaves either the complete new checkpoint or none, and the previous one untouched. Only names
-matching ``step-NNNNNNNN`` with a readable ``state.json`` are ever resumed from.
+``optimizer.safetensors`` and ``state.json`` (global step, epoch, config digest, the config, the
+layout of the stores it trained on (``data_layout``) and the optimizer's non-tensor state). It is
+written under a temporary name, every file is fsynced, then the directory is renamed into place
+and its parent fsynced: a process killed at any point leaves either the complete new checkpoint
+or none, and the previous one untouched. Only names matching ``step-NNNNNNNN`` with a readable
+``state.json`` are ever resumed from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,8 +26,17 @@ from safetensors.torch import save as dump_tensors
 
 from pipeline.errors import CheckpointError
 
+log = logging.getLogger(__name__)
+
 CHECKPOINTS = "checkpoints"
+DATA_LAYOUT = "data_layout"
+"""Key of ``state.json`` holding, per config key (``data.store``, ``data.validation.store``), the
+store's :func:`pipeline.store.store_layout`."""
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+class DataChangedError(CheckpointError):
+    """A store the run trained on changed (length, chunking, arrays, metadata) since its checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,53 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
     optimizer = join_optimizer_state(opt_tensors, state.pop("optimizer"))
     return Checkpoint(path, model, optimizer, state)
+
+
+def check_data_layout(checkpoint: Path, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse to resume from ``checkpoint`` when a store changed since it was written.
+
+    ``recorded`` is the checkpoint's ``data_layout`` (None for checkpoints written before it was
+    recorded: allowed, with a warning), ``current`` the stores' layouts now. The sampling plan is a
+    function of the store's layout, so a store re-ingested with another length or chunking would
+    continue the run on another trajectory (or another dataset) without a word; the error names
+    the store, the checkpoint and what changed, e.g. ``inputs shape (1797, 64) -> (1000, 64)``.
+    """
+    if recorded is None:
+        log.warning("checkpoint %s records no data layout (written by an older dasktrain): cannot check "
+                    "that %s did not change since; resuming anyway", checkpoint, ", ".join(current))
+        return
+    for key in sorted(set(recorded) | set(current)):
+        was, now = recorded.get(key), current.get(key)
+        if was is None or now is None:
+            raise DataChangedError(
+                f"--resume: checkpoint {checkpoint.name} was written {'without' if was is None else 'with'} "
+                f"{key}, this run has {'none' if now is None else now['path']}; the trajectory cannot continue")
+        changes = describe_layout_change(was, now)
+        if changes:
+            raise DataChangedError(
+                f"--resume: {key} {now['path']} changed since checkpoint {checkpoint.name}: {'; '.join(changes)}; "
+                "the trajectory cannot continue (restore the store as it was, or start a new run in another output_dir)")
+
+
+def describe_layout_change(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two :func:`pipeline.store.store_layout` records, in words (empty: nothing)."""
+    old_arrays, new_arrays = was.get("arrays", {}), now.get("arrays", {})
+    changes = []
+    if sorted(old_arrays) != sorted(new_arrays):
+        changes.append(f"arrays {sorted(old_arrays)} -> {sorted(new_arrays)}")
+    for name in sorted(set(old_arrays) & set(new_arrays)):
+        a, b = old_arrays[name], new_arrays[name]
+        for field in ("shape", "dtype", "chunks"):
+            if a.get(field) != b.get(field):
+                changes.append(f"{name} {field} {_shown(a.get(field))} -> {_shown(b.get(field))}")
+    if not changes and was.get("fingerprint") != now.get("fingerprint"):
+        changes.append(f"metadata fingerprint {was.get('fingerprint')} -> {now.get('fingerprint')} "
+                       "(attributes or codecs of the group or its arrays)")
+    return changes
+
+
+def _shown(value: Any) -> str:
+    return str(tuple(value)) if isinstance(value, list) else str(value)
 
 
 def split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -20,9 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client, Future
+from distributed import Client, Future, wait
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_model
+from pipeline.checkpoint import (
+    DATA_LAYOUT,
+    check_data_layout,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_model,
+)
 from pipeline.collective import PeerFailedError, SegmentEnd, join_group, open_rendezvous, run_segment
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ClusterError, DasktrainError
@@ -51,6 +59,8 @@ from pipeline.replica import (
     run_step,
     save_replica_checkpoint,
 )
+from pipeline.run_lock import run_lock
+from pipeline.store import store_layout
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +109,16 @@ def train(
     if client is None:
         check_workers_fit(config)  # say so before starting the cluster
     run_dir = Path(config.output_dir)
-    start_step = prepare_run_dir(config, run_dir, resume)
-    stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
-    end_step = stop_epoch * plan.steps_per_epoch
-    if start_step > end_step:
-        raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
-    emit = on_event or (lambda event: None)
-    with client_for(config, client) as c:
-        session = _Session(config, c, splits, plan, run_dir, start_step, end_step, emit)
-        return session.run()
+    with run_lock(run_dir, "train"):  # one writer per run directory, released on every exit
+        start_step = prepare_run_dir(config, run_dir, resume)
+        stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
+        end_step = stop_epoch * plan.steps_per_epoch
+        if start_step > end_step:
+            raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
+        emit = on_event or (lambda event: None)
+        with client_for(config, client) as c:
+            session = _Session(config, c, splits, plan, run_dir, start_step, end_step, emit)
+            return session.run()
 
 
 @contextmanager
@@ -121,8 +132,22 @@ def client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
         yield started
 
 
+def data_layout(config: RunConfig) -> dict[str, Any]:
+    """The layout of every store the trajectory depends on, by config key; recorded in each
+    checkpoint's ``state.json`` and checked by ``--resume`` (:func:`pipeline.checkpoint.check_data_layout`)."""
+    layouts = {"data.store": store_layout(config.data.store)}
+    validation = config.data.validation
+    if validation is not None and validation.store is not None:
+        layouts["data.validation.store"] = store_layout(validation.store)
+    return layouts
+
+
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
-    """Check the run directory against ``resume``; returns the step training starts at."""
+    """Check the run directory against ``resume``; returns the step training starts at.
+
+    Called with the run directory's lock held. A resume is refused when the newest checkpoint
+    was written by another configuration, or when a store changed since (its length, chunking,
+    arrays or metadata: the same config on other data is another trajectory)."""
     newest = latest_checkpoint(run_dir)
     if not resume:
         if newest is not None:
@@ -141,6 +166,7 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
             f"--resume: checkpoint {newest} was written by a different configuration (digest "
             f"{state.get('config_digest')}, this config {config.digest()}); the trajectory cannot continue"
         )
+    check_data_layout(newest, state.get(DATA_LAYOUT), data_layout(config))
     return int(state["step"])
 
 
@@ -200,6 +226,12 @@ class _Session:
     """
 
     MEMBERSHIP_POLL_S = 0.5
+    SETUP_S = 300.0
+    """Longest wait for a setup task on every worker (build a replica, join a group, hand over weights)."""
+    DROP_S = 10.0
+    SILENT_S = 5.0
+    """A worker whose heartbeat (every 0.5 s on small clusters) is this much older than the
+    freshest worker's is taken as frozen (SIGSTOP, a hung node) once a step is past its deadline."""
     LINEAGE_STEPS = 64
     SEGMENT_S = 2.0
     """``reduce: collective``: seconds of training one segment task aims at (progress arrives per segment)."""
@@ -232,6 +264,7 @@ class _Session:
         self.epoch_acc = _EpochAccumulator()
         self.last_record_time = time.perf_counter()
         self.epoch_closed = -1  # the epoch boundary whose record is written
+        self.data_layout = data_layout(config)  # recorded in every checkpoint
 
     @property
     def workers(self) -> tuple[str, ...]:
@@ -246,16 +279,17 @@ class _Session:
     def run(self) -> RunResult:
         metrics = MetricsLog(self.run_dir, resume_step=self.start_step if self.start_step else None)
         try:
-            self._create_replicas(state=None, applied=self.start_step)
+            try:
+                self._create_replicas(state=None, applied=self.start_step)
+            except _WorkersChanged as exc:
+                raise ClusterError(f"the run could not start: {exc}") from None
             self.emit({"kind": "start", "start_step": self.start_step, "end_step": self.end_step,
                        "steps_per_epoch": self.plan.steps_per_epoch, "workers": list(self.workers),
                        "dashboard": _dashboard_link(self.client, self.config.cluster.dashboard), "run_dir": str(self.run_dir)})
             epochs = self._loop(metrics)
             completed = self.end_step == self.config.train.epochs * self.plan.steps_per_epoch
             if completed:
-                state = self.client.submit(replica_state, self.run_id, workers=[self.workers[0]],
-                                           key=f"{self.run_id}-weights").result()
-                save_model(self.run_dir / MODEL_FILE, state)
+                save_model(self.run_dir / MODEL_FILE, self._final_weights())
             result = RunResult(self.run_dir, self.end_step, completed, epochs)
             (self.run_dir / SUMMARY_FILE).write_text(json.dumps(
                 {"steps": self.end_step, "completed": completed, "epochs": epochs}, indent=1))
@@ -275,13 +309,18 @@ class _Session:
             try:
                 run_from(t, pending)
                 return self.epochs
-            except _WorkersChanged as change:
-                regroups += 1
-                if regroups > 50:
-                    raise ClusterError(f"the worker set kept changing ({regroups} regroups); last: {change}") from None
+            except _WorkersChanged as first:
                 self._cancel(pending)
-                self.excluded.update(change.exclude)
-                t = self._regroup(str(change))
+                change: _WorkersChanged | None = first
+                while change is not None:  # a regroup can itself meet a worker that stopped answering
+                    regroups += 1
+                    if regroups > 50:
+                        raise ClusterError(f"the worker set kept changing ({regroups} regroups); last: {change}") from None
+                    self.excluded.update(change.exclude)
+                    try:
+                        t, change = self._regroup(str(change)), None
+                    except _WorkersChanged as again:
+                        change = again
             except DasktrainError as exc:
                 self._cancel(pending)
                 raise type(exc)(f"{exc}; {self._last_good()}") from None
@@ -397,13 +436,13 @@ class _Session:
         """``reduce: collective``: rendezvous through the scheduler and build the process group."""
         timeout = self.config.train.step_timeout
         tag = f"{self.run_id}-g{self.generation}"
-        master = self.client.submit(open_rendezvous, self.run_id, self.generation, timeout,
-                                    workers=[self.workers[0]], allow_other_workers=False,
-                                    key=f"{tag}-rendezvous").result()
+        rendezvous = self.client.submit(open_rendezvous, self.run_id, self.generation, timeout,
+                                        workers=[self.workers[0]], allow_other_workers=False, key=f"{tag}-rendezvous")
+        (master,) = self._gather_within([rendezvous], self.workers[:1], "opening the rendezvous")
         joined = [self.client.submit(join_group, self.run_id, self.generation, rank, len(self.workers), master,
                                      timeout, workers=[addr], allow_other_workers=False, key=f"{tag}-join-{rank}")
                   for rank, addr in enumerate(self.workers)]
-        for info in self.client.gather(joined):
+        for info in self._gather_within(joined, self.workers, "joining the process group"):
             log.info("process group joined: %s", info)
 
     def _record(self, t: int, stats: dict[str, Any], apply_only: bool = False, step_time: float | None = None) -> None:
@@ -438,9 +477,14 @@ class _Session:
             self.emit(record)
 
     def _wait(self, entry: _InFlight) -> dict[str, Any]:
-        """The stats of a step (or segment), watching for lost workers and stragglers while waiting."""
+        """The stats of a step (or segment), watching for lost workers and stragglers while waiting.
+
+        With ``train.step_timeout`` set, a wait that outlasts it drops the workers the scheduler
+        no longer hears from (frozen, whatever task the step is stuck in), and a step (or segment,
+        ``step_timeout`` per step) past its deadline drops the workers that have not answered."""
         timeout = self.config.train.step_timeout
-        deadline = time.monotonic() + timeout * entry.steps if timeout else None
+        began = time.monotonic()
+        deadline = began + timeout * entry.steps if timeout else None
         while True:
             try:
                 return entry.stats.result(timeout=self.MEMBERSHIP_POLL_S)
@@ -451,18 +495,65 @@ class _Session:
                 # replicas refuse them: an error then means "regroup", not "stop". A genuine
                 # error (bad data, NaN) comes back after the regroup and stops the run then.
                 if set(self.workers) <= set(self._alive()):
-                    raise
+                    # A collective's peer timing out is no error of the run's if that peer froze.
+                    silent = [] if isinstance(exc, DasktrainError) or timeout is None else self._await_silence()
+                    if not silent:
+                        raise
+                    raise _WorkersChanged(f"step {entry.step} failed ({exc}) as workers {silent} froze",
+                                          exclude=tuple(silent)) from None
                 raise _WorkersChanged(f"step {entry.step} failed as workers left: {exc}") from None
             alive = set(self._alive())
             lost = [w for w in self.workers if w not in alive]
             if lost:
                 raise _WorkersChanged(f"lost workers {lost} during step {entry.step}")
-            if deadline is not None and time.monotonic() > deadline:
-                stragglers = tuple(w for w, f in zip(self.workers, entry.tasks) if not f.done())
+            if timeout is None or deadline is None:
+                continue
+            now = time.monotonic()
+            silent = self._silent_workers() if now - began > timeout else []
+            if silent:
+                raise _WorkersChanged(
+                    f"step {entry.step} passed train.step_timeout={timeout}s and workers {silent} sent no "
+                    f"heartbeat for {self.SILENT_S:.0f} s", exclude=tuple(silent))
+            if now > deadline:
+                stragglers = self._stragglers(entry)
+                if not stragglers and now < deadline + self.SILENT_S:
+                    continue  # a frozen worker shows as silent within SILENT_S: name it rather than no one
                 raise _WorkersChanged(
                     f"step {entry.step} passed train.step_timeout={timeout}s; not answering: {list(stragglers)}",
                     exclude=stragglers,
                 )
+
+    def _stragglers(self, entry: _InFlight) -> tuple[str, ...]:
+        """Workers to drop once ``entry`` is past its deadline: those whose own step task is not
+        done (tree mode; in collective mode every rank's segment waits in the all-reduce for the
+        slow one, so they cannot be told apart that way), and the silent ones."""
+        late = set(self._silent_workers())
+        if self.config.train.reduce != "collective":
+            late.update(w for w, f in zip(self.workers, entry.tasks) if not f.done())
+        return tuple(w for w in self.workers if w in late)
+
+    def _await_silence(self) -> list[str]:
+        """Silent workers, looked for during SILENT_S (a peer that froze a moment ago shows by then)."""
+        until = time.monotonic() + self.SILENT_S + 1.0
+        while True:
+            silent = self._silent_workers()
+            if silent or time.monotonic() > until:
+                return silent
+            time.sleep(self.MEMBERSHIP_POLL_S)
+
+    def _silent_workers(self) -> list[str]:
+        """Workers whose last heartbeat is more than SILENT_S older than the freshest one's
+        (scheduler timestamps only, so clocks elsewhere do not matter)."""
+        try:
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception as exc:  # the scheduler itself is in trouble; the caller's deadline still holds
+            log.warning("could not read worker heartbeats: %s", exc)
+            return []
+        seen = {w: info[w].get("last_seen", 0.0) for w in self.workers if w in info}
+        if not seen:
+            return []
+        freshest = max(seen.values())
+        return [w for w, last in seen.items() if freshest - last > self.SILENT_S]
 
     def _submit_step(self, t: int, previous: Root | None, compute: bool = True,
                      after_barrier: bool = False) -> _InFlight:
@@ -486,19 +577,24 @@ class _Session:
                 run_step, self.run_id, t, recipe, sources, actions, workers=[addr], allow_other_workers=False,
                 key=f"{self.run_id}-g{self.generation}-step-{t}{'' if compute else 'a'}-w{w}"))
         tag = f"{self.run_id}-g{self.generation}-{t}{'' if compute else 'a'}"
-        recipe, sources = submit_tree(self.client, self.layout.tree, tasks, [list(c) for c in self.layout.covers], key=tag)
+        # Reduction and stats tasks run on the run's workers only: never on one it dropped (a
+        # frozen worker the scheduler still lists would hold them forever).
+        workers = list(self.workers)
+        recipe, sources = submit_tree(self.client, self.layout.tree, tasks, [list(c) for c in self.layout.covers],
+                                      key=tag, workers=workers)
         # Stats are picked out where each source lives, so no gradient moves for the driver's
         # sake; with one worker, where everything lives, one task fewer per step.
         parts = sources if len(self.workers) == 1 else [
-            self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}") for i, s in enumerate(sources)]
-        stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats")
+            self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}", workers=workers) for i, s in enumerate(sources)]
+        stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats", workers=workers)
         extra = [] if parts is sources else parts
         return _InFlight(t, (recipe, sources), stats, [*tasks, *extra], apply_only=not compute and t < self.end_step)
 
     def _checkpoint_meta(self, t: int) -> dict[str, Any]:
         epoch, k = self.plan.locate(t)
         return {"epoch": epoch, "step_in_epoch": k, "config_digest": self.config.digest(),
-                "seed": self.config.train.seed, "config": self.config.model_dump(mode="json")}
+                "seed": self.config.train.seed, "config": self.config.model_dump(mode="json"),
+                DATA_LAYOUT: self.data_layout}
 
     def _step_record(self, t: int, stats: dict[str, Any], step_time: float) -> dict[str, Any]:
         epoch, k = self.plan.locate(t)
@@ -543,7 +639,7 @@ class _Session:
             futures.append(self.client.submit(
                 create_replica, spec, nthreads[addr], state, workers=[addr], allow_other_workers=False,
                 key=f"{self.run_id}-g{self.generation}-create-w{w}"))
-        for info in self.client.gather(futures):
+        for info in self._gather_within(futures, self.workers, "building replicas"):
             log.info("replica ready: %s", info)
         if self.config.train.reduce == "collective":
             self._form_group()
@@ -564,8 +660,13 @@ class _Session:
                 status = fut.result(timeout=(self.config.train.step_timeout or 120) + 30)
                 applied[w] = status["applied"]
                 history.update(status["history"])
+            except TimeoutError:  # frozen, or stuck in a step: it must not hold the regroup up again
+                log.warning("worker %s did not give its replica state in time; dropping it", w)
+                self.client.cancel([fut])
+                self.excluded.add(w)
             except Exception as exc:  # it died too, or holds no replica: not a source
                 log.warning("worker %s cannot give its replica state: %s", w, exc)
+        alive = [w for w in alive if w not in self.excluded]
         # Updates survivors applied while the driver was not yet told: record them now, from
         # the root stats the replicas kept, so every applied step has its metrics line.
         for t in range(self.recorded, max(applied.values(), default=0)):
@@ -620,11 +721,43 @@ class _Session:
             self.client.cancel(futures)
         pending.clear()
 
-    def _drop_replicas(self) -> None:
+    def _gather_within(self, futures: list[Future], workers: tuple[str, ...] | list[str], what: str) -> list[Any]:
+        """Results of one task per worker (``futures[i]`` on ``workers[i]``), waited for at most
+        SETUP_S; workers whose task has not ended by then are dropped (the caller regroups)."""
         try:
-            self.client.run(drop_replica, self.run_id, workers=list(self._alive()), on_error="ignore")
-        except Exception as exc:  # the cluster may be gone already; nothing to free then
-            log.debug("could not drop replicas of %s: %s", self.run_id, exc)
+            wait(futures, timeout=self.SETUP_S)
+        except TimeoutError:
+            late = tuple(w for w, f in zip(workers, futures) if not f.done())
+            raise _WorkersChanged(f"{what}: workers {list(late)} did not answer within {self.SETUP_S:.0f} s",
+                                  exclude=late) from None
+        return self.client.gather(futures)
+
+    def _final_weights(self) -> dict[str, Any]:
+        """The trained weights, from the first replica that hands them over in time."""
+        for w, addr in enumerate(self.workers):
+            future = self.client.submit(replica_state, self.run_id, workers=[addr], allow_other_workers=False,
+                                        key=f"{self.run_id}-weights-w{w}")
+            try:
+                state: dict[str, Any] = future.result(timeout=self.SETUP_S)
+                return state
+            except TimeoutError:
+                log.warning("worker %s did not hand over the final weights in %.0f s", addr, self.SETUP_S)
+                self.client.cancel([future])
+        raise ClusterError(f"no worker handed over the final weights within {self.SETUP_S:.0f} s; {self._last_good()}")
+
+    def _drop_replicas(self) -> None:
+        """Free the run's replicas, waiting DROP_S at most: a frozen worker must not hold the exit."""
+        def drop() -> None:
+            try:
+                self.client.run(drop_replica, self.run_id, workers=list(self._alive()), on_error="ignore")
+            except Exception as exc:  # the cluster may be gone already; nothing to free then
+                log.debug("could not drop replicas of %s: %s", self.run_id, exc)
+
+        dropper = threading.Thread(target=drop, name=f"drop-{self.run_id}", daemon=True)
+        dropper.start()
+        dropper.join(self.DROP_S)
+        if dropper.is_alive():
+            log.warning("some workers did not free run %s's replicas within %.0f s", self.run_id, self.DROP_S)
 
     def _last_good(self) -> str:
         newest = latest_checkpoint(self.run_dir)

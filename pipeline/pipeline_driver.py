@@ -34,13 +34,14 @@ from typing import Any
 
 from distributed import Client
 
-from pipeline.checkpoint import CHECKPOINTS, fsync_dir, latest_checkpoint, list_checkpoints, save_model
+from pipeline.checkpoint import CHECKPOINTS, DATA_LAYOUT, fsync_dir, latest_checkpoint, list_checkpoints, save_model
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ClusterError, ConfigError, DasktrainError
 from pipeline.metrics import MetricsLog
 from pipeline.objective import lr_at
 from pipeline.plan import SamplingPlan
 from pipeline.preflight import DataSplits, build_plan, check_model_fits, resolve_splits
+from pipeline.run_lock import run_lock
 from pipeline.stage_actor import PipelineStage, StageAborted, StageSpec
 from pipeline.stages import StageLayout, plan_stages
 
@@ -93,16 +94,17 @@ def train_pipeline(
             f"needs parallel.micro_batches <= {per_replica}"
         )
     run_dir = Path(config.output_dir)
-    start_step = prepare_run_dir(config, run_dir, resume)
-    if start_step:
-        layout = _layout_of(latest_checkpoint(run_dir), layout)
-    stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
-    end_step = stop_epoch * plan.steps_per_epoch
-    if start_step > end_step:
-        raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
-    emit = on_event or (lambda event: None)
-    with client_for(config, client) as c:
-        return _PipelineSession(config, c, splits, plan, layout, run_dir, start_step, end_step, emit).run()
+    with run_lock(run_dir, "train"):  # one writer per run directory, released on every exit
+        start_step = prepare_run_dir(config, run_dir, resume)
+        if start_step:
+            layout = _layout_of(latest_checkpoint(run_dir), layout)
+        stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
+        end_step = stop_epoch * plan.steps_per_epoch
+        if start_step > end_step:
+            raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
+        emit = on_event or (lambda event: None)
+        with client_for(config, client) as c:
+            return _PipelineSession(config, c, splits, plan, layout, run_dir, start_step, end_step, emit).run()
 
 
 def _layout_of(ckpt: Path | None, layout: StageLayout) -> StageLayout:
@@ -147,6 +149,9 @@ class _PipelineSession:
         self.futures: list[Any] = []
         self.generation = 0
         self.recoveries = 0
+        from pipeline.driver import data_layout  # driver dispatches here: import late
+
+        self.data_layout = data_layout(config)  # recorded in every checkpoint
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -364,7 +369,7 @@ class _PipelineSession:
         manifest = {
             "step": step, "epoch": epoch, "step_in_epoch": k, "config_digest": self.config.digest(),
             "seed": self.config.train.seed, "config": self.config.model_dump(mode="json"),
-            "stages": [list(b) for b in self.layout.bounds],
+            "stages": [list(b) for b in self.layout.bounds], DATA_LAYOUT: self.data_layout,
             "files": sorted(p.name for p in tmp.iterdir()),
         }
         with open(tmp / "state.json", "wb") as fh:  # last: its presence marks a complete checkpoint

@@ -201,9 +201,11 @@ def summarize(picks: Sequence[Pick], *stats: StepStats | Partial | None) -> dict
 
 
 def submit_tree(client: Any, tree: ReductionTree, worker_futures: Sequence[Any],
-                covers: Sequence[list[NodeId]], key: str) -> tuple[RootRecipe, list[Any]]:
+                covers: Sequence[list[NodeId]], key: str,
+                workers: Sequence[str] | None = None) -> tuple[RootRecipe, list[Any]]:
     """Submit the reduction tasks below the root, above the workers' covers; returns the root's
-    recipe and the futures of its sources (see :class:`RootRecipe`).
+    recipe and the futures of its sources (see :class:`RootRecipe`). ``workers``, when given,
+    are the only workers the reduction tasks may run on.
 
     ``covers[w]`` lists the nodes worker ``w``'s partial holds; the first time a worker's
     partial is picked its stats are taken, so they are counted exactly once.
@@ -234,7 +236,8 @@ def submit_tree(client: Any, tree: ReductionTree, worker_futures: Sequence[Any],
         if node in holder:
             return worker_futures[holder[node]], True
         sources, picks = inputs_of(node)
-        fut = client.submit(combine, node, picks, *sources, key=f"{key}-sum-{node[0]}.{node[1]}", pure=False)
+        fut = client.submit(combine, node, picks, *sources, key=f"{key}-sum-{node[0]}.{node[1]}", pure=False,
+                            workers=list(workers) if workers is not None else None)
         return fut, False
 
     if tree.root in holder:  # one worker holds the whole sum

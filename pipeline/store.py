@@ -7,13 +7,15 @@ data itself is only ever read on workers, one chunk range at a time.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -70,6 +72,37 @@ def open_group(path: str, what: str = "dataset store") -> zarr.Group:
         return zarr.open_group(path, mode="r")
     except Exception as exc:  # zarr raises several types for a non-group path
         raise DataError(f"{path} is not a readable Zarr group: {exc}") from None
+
+
+VOLATILE_ATTRS = ("normalization",)
+"""Keys of the group's ``dasktrain`` attributes left out of :func:`store_layout`'s fingerprint: the
+flow's prepare stage rewrites the normalisation statistics on every run, resumes included."""
+
+
+def store_layout(path: str | Path) -> dict[str, Any]:
+    """What a run's trajectory depends on in a store besides its bytes, as JSON.
+
+    ``arrays`` gives every array's shape, dtype and chunk shape; ``fingerprint`` is a hash of the
+    group's and arrays' ``zarr.json`` metadata documents (as Zarr parses them, keys sorted, so
+    formatting does not count): it changes with a re-ingest from another source, other codecs or
+    attributes, even at equal shapes. It reads metadata only, never chunk data, so it costs the
+    same for any store size; data rewritten in place with identical metadata goes unnoticed.
+    Checkpoints record it so that ``--resume`` can refuse a store that changed under the run.
+    """
+    group = open_group(str(path))
+    group_doc = group.metadata.to_dict()
+    attrs = group_doc.get("attributes", {}).get(ATTRS_KEY)
+    if isinstance(attrs, dict):
+        group_doc["attributes"] = {**group_doc["attributes"],
+                                   ATTRS_KEY: {k: v for k, v in attrs.items() if k not in VOLATILE_ATTRS}}
+    docs: dict[str, Any] = {"": group_doc}
+    arrays: dict[str, dict[str, Any]] = {}
+    for name, node in sorted(group.members(max_depth=None), key=lambda m: m[0]):
+        docs[name] = node.metadata.to_dict()
+        if isinstance(node, zarr.Array):
+            arrays[name] = {"shape": list(node.shape), "dtype": str(node.dtype), "chunks": list(node.chunks)}
+    digest = hashlib.sha256(json.dumps(docs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {"path": str(path), "arrays": arrays, "fingerprint": digest}
 
 
 def replace_store(tmp: Path, final: Path) -> None:
