@@ -22,7 +22,10 @@ def serve_training(config: str | Path, *, name: str | None = None, cron: str | N
     """Serve the training flow on ``cron`` (or every ``interval`` seconds) with this config.
 
     Every run trains in its own directory under the config's ``output_dir``; ``limit`` runs at a
-    time (a retrain that outlasts its period is not overlapped by the next)."""
+    time (a retrain that outlasts its period is not overlapped by the next). ``overrides`` (the
+    owner's ``--set``) are baked into the deployment; a flow run created from it (UI, API,
+    ``prefect deployment run``) may pass its own ``overrides`` only for the data keys of
+    :data:`pipeline.config.FLOW_RUN_OVERRIDE_KEYS`, and change no other parameter."""
     url = PREFECT_API_URL.value()
     if not url:
         raise PrefectAPIError(
@@ -37,7 +40,9 @@ def serve_training(config: str | Path, *, name: str | None = None, cron: str | N
         name=name or path.stem,
         cron=cron,
         interval=interval,
-        parameters={"config": str(path), "overrides": list(overrides), "per_run_output": True},
+        # The owner's overrides are the deployment's own; a flow run's `overrides` are checked
+        # against an allow-list (flows.training.check_deployment_run).
+        parameters={"config": str(path), "deployment_overrides": list(overrides), "per_run_output": True},
         tags=["dasktrain"],
         description=f"dasktrain training of {path}",
         limit=limit,

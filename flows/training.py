@@ -13,6 +13,7 @@ the train stage through :data:`EVENT_HOOK`.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -29,8 +30,8 @@ from prefect.runtime import flow_run, task_run
 from flows import prefect_api
 from pipeline import driver, inference, report
 from pipeline.checkpoint import latest_checkpoint
-from pipeline.config import RunConfig, load_config, validate_config
-from pipeline.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError, PlanError
+from pipeline.config import RunConfig, check_flow_run_overrides, load_config, validate_config
+from pipeline.errors import ClusterError, ConfigError
 from pipeline.prepare import prepare_data
 
 EVENT_HOOK: Callable[[driver.Event], None] | None = None
@@ -39,8 +40,10 @@ EVENT_HOOK: Callable[[driver.Event], None] | None = None
 PREDICTIONS_STORE = "predictions.zarr"
 TRAIN_RETRIES = 2
 
-_NOT_RETRIED = (ConfigError, DataError, PlanError, NonFiniteLossError, CheckpointError)
-"""Errors that a retry would only repeat: bad input, a diverging run, a mismatched checkpoint."""
+_RETRIED: tuple[type[BaseException], ...] = (ClusterError, TimeoutError, ConnectionError)
+"""Errors a retry can get past: the cluster (workers lost for good, a scheduler gone, a
+connection dropped). Everything else (bad input, a model that fails on its data, a diverging
+run, a mismatched checkpoint, a full disk) would only repeat, so the train task fails at once."""
 
 
 class FlowCluster:
@@ -87,7 +90,8 @@ def prepare(config: str | dict[str, Any], overrides: list[str], cluster: FlowClu
 
 
 def _worth_retrying(task: Any, run: Any, state: Any) -> bool:
-    return not isinstance(state.result(raise_on_failure=False), _NOT_RETRIED)
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, _RETRIED) or type(error).__name__ == "CommClosedError"
 
 
 @task(name="train", cache_policy=NONE, retries=TRAIN_RETRIES, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
@@ -146,20 +150,61 @@ def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any]
 
 @flow(name="dasktrain-training")
 def training_flow(config: str | dict[str, Any], overrides: list[str] | None = None, resume: bool = False,
-                  until_epoch: int | None = None, per_run_output: bool = False) -> dict[str, Any]:
+                  until_epoch: int | None = None, per_run_output: bool = False,
+                  deployment_overrides: list[str] | None = None) -> dict[str, Any]:
     """Prepare the data, train on a Dask cluster, evaluate and publish; returns the run summary.
 
     ``config`` is a YAML path (with ``overrides``) or the config as a mapping; ``per_run_output``
-    puts the run in its own directory under ``output_dir`` (scheduled deployments)."""
+    puts the run in its own directory under ``output_dir`` (scheduled deployments);
+    ``deployment_overrides``, the deployment owner's (``dasktrain deploy --set``), apply before
+    ``overrides``. A flow run of a deployment may change only ``overrides``, and only with keys of
+    :data:`~pipeline.config.FLOW_RUN_OVERRIDE_KEYS` (:func:`check_deployment_run`)."""
+    check_deployment_run({"config": config, "overrides": overrides, "resume": resume, "until_epoch": until_epoch,
+                          "per_run_output": per_run_output, "deployment_overrides": deployment_overrides})
     cluster = FlowCluster()
     try:
-        prepared = prepare(config, list(overrides or []), cluster, per_run_output)
+        prepared = prepare(config, [*(deployment_overrides or []), *(overrides or [])], cluster, per_run_output)
         cfg, client = prepared.config, cluster.open(prepared.config)
         trained = train(cfg, client, resume, until_epoch)
         evaluation = evaluate(cfg, client) if trained["completed"] else None
         return publish(cfg, prepared.facts, trained, evaluation)
     finally:
         cluster.close()
+
+
+def check_deployment_run(parameters: dict[str, Any]) -> None:
+    """In a flow run created from a deployment, refuse (before anything runs) parameters that the
+    deployment's owner did not set: every parameter but ``overrides`` must be the deployment's own
+    (or the flow's default), and each override that is not one of the deployment's own ``overrides``
+    must set a key of :data:`~pipeline.config.FLOW_RUN_OVERRIDE_KEYS` to a plain value, so that a
+    flow run can change data and numbers, never which code runs. A direct call of the flow (and
+    ``dasktrain run``) is not restricted: the caller runs their own code.
+
+    The deployment is told by the flow run's ``deployment_id``, which the server sets when it
+    creates the run; the owner's parameters are read from the deployment itself, not from the run."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    deployment_id = context.flow_run.deployment_id if context and context.flow_run else None
+    if deployment_id is None:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment(deployment_id)
+    except Exception as exc:  # fail closed: without the owner's parameters nothing is trusted
+        raise ConfigError(f"cannot read deployment {deployment_id} to check the flow run's parameters: "
+                          f"{type(exc).__name__}: {exc}") from None
+    source = f"flow run of deployment {deployment.name!r}"
+    signature = inspect.signature(training_flow.fn)
+    owner = {name: deployment.parameters.get(name, signature.parameters[name].default) for name in parameters}
+    for name, value in parameters.items():
+        # None, False and [] alike: a parameter left out of the deployment has the flow's default.
+        if name != "overrides" and (value or None) != (owner[name] or None):
+            raise ConfigError(f"{source}: parameter {name!r} refused: it is the deployment's own; a flow run may "
+                              "pass only overrides of data keys (see pipeline.config.FLOW_RUN_OVERRIDE_KEYS)")
+    trusted = owner["overrides"] or []
+    check_flow_run_overrides([o for o in parameters["overrides"] or [] if o not in trusted], source)
 
 
 def artifact_key(run_dir: Path) -> str:

@@ -204,7 +204,9 @@ class ClusterConfig(_Frozen):
     devices: tuple[int, ...] | None = None
     """GPU indices to use (``local-cuda``); none: every visible GPU."""
     dashboard: bool = True
-    """Serve the Dask dashboard on a free port (needs ``bokeh``); not for ``address``."""
+    """Serve the Dask dashboard on a free port (needs ``bokeh``): of 127.0.0.1 for local kinds, of
+    every interface for jobqueue kinds. False: Dask's HTTP servers (which run anyway) listen on
+    127.0.0.1 and answer ``/health`` alone. Not for ``address``."""
     lean: bool = True
     """Turn Dask's housekeeping down in the scheduler and workers dasktrain starts: no statistical
     profiler (it samples every thread every 10 ms), an event-loop tick every 500 ms instead of 20 ms
@@ -380,6 +382,15 @@ class RunConfig(_Frozen):
     output_dir: str = "runs/default"
     """Run directory: model, metrics, checkpoints, resolved config."""
 
+    @model_validator(mode="after")
+    def _collective_outside_tls(self) -> RunConfig:
+        if self.train.reduce == "collective" and self.cluster.security == "tls":
+            raise ValueError(
+                "train.reduce: collective sends gradients (gloo/NCCL) and its rendezvous (a torch TCPStore, "
+                "which has no authentication) outside TLS, so cluster.security: tls refuses it; use "
+                "train.reduce: tree to keep TLS, or cluster.security: none on a trusted network")
+        return self
+
     def digest(self) -> str:
         """Short hash of the settings that decide the training trajectory (not of where it runs)."""
         relevant = self.model_dump(mode="json", exclude={
@@ -426,9 +437,35 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
                 problems.append(f"unknown key '{key}'")
             elif err["type"] == "missing":
                 problems.append(f"missing key '{key}'")
+            elif not err["loc"]:  # a check across sections: its message names the keys
+                problems.append(err["msg"].removeprefix("Value error, "))
             else:
                 problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None
+
+
+FLOW_RUN_OVERRIDE_KEYS: tuple[str, ...] = (
+    "train.epochs", "train.batch_size", "train.seed", "optimizer.lr", "optimizer.weight_decay",
+    "schedule.warmup_steps", "schedule.min_lr", "data.store", "data.test_store", "output_dir", "cluster.workers",
+)
+"""The keys a flow run of a deployment may override: numbers and data paths. Nothing here names
+code to import or run (``model.*``, ``loss``, ``cluster.spec``, ``cluster.jobqueue``, ...)."""
+
+
+def check_flow_run_overrides(overrides: list[str] | tuple[str, ...], source: str) -> None:
+    """Refuse, naming the key, an override outside :data:`FLOW_RUN_OVERRIDE_KEYS` or one whose value
+    is not a plain scalar (a number, a string, a boolean)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in FLOW_RUN_OVERRIDE_KEYS:
+            raise ConfigError(f"{source}: override of {key!r} refused: a flow run may override only "
+                              f"{', '.join(FLOW_RUN_OVERRIDE_KEYS)}; set other keys in the deployment itself")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = None
+        if not isinstance(value, (str, int, float)):  # bool is an int; a null or a mapping is refused
+            raise ConfigError(f"{source}: override of {key!r} refused: its value {text!r} is not a number or a path")
 
 
 def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:

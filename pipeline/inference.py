@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from distributed import Client
+from distributed import Client, wait
 from safetensors.torch import load_file
 from torch import nn
 from zarr.codecs import ZstdCodec
@@ -30,14 +30,21 @@ from pipeline.checkpoint import CHECKPOINTS, latest_checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, DataError
 from pipeline.feed import open_reader
+from pipeline.metrics import METRICS_FILE
 from pipeline.models import build_model
 from pipeline.normalize import read_normalization
 from pipeline.objective import correct_count, loss_sum, prepare_batch
 from pipeline.preflight import resolve_splits
+from pipeline.run_lock import locks_run_dir_of
 from pipeline.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
+WRITTEN_BY = "predict"
+"""``written_by`` in the ``dasktrain`` attributes of a store that :func:`predict` wrote: the only
+kind of existing path it replaces."""
+RUN_DIR_FILES = ("config.yaml", CHECKPOINTS, "model.safetensors", METRICS_FILE)
+"""Any of these makes a directory a run directory, which :func:`predict` never replaces."""
 
 _MODELS: dict[tuple[str, str, int], nn.Module] = {}
 """Models loaded in this (worker) process, by (model config, weights file, its mtime)."""
@@ -100,6 +107,7 @@ def evaluate(client: Client, config: RunConfig, weights: str | Path, split: Eval
     return result
 
 
+@locks_run_dir_of("output_store", "predict")  # refused inside a run directory being written
 def predict(client: Client, config: RunConfig, weights: str | Path, input_store: str | Path,
             output_store: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Run the model on every sample of ``input_store``'s inputs array and write the outputs to
@@ -107,32 +115,89 @@ def predict(client: Client, config: RunConfig, weights: str | Path, input_store:
     from the workers. The store is written under a temporary name and renamed into place."""
     path = str(weights_file(weights))
     input_store, output_store = str(input_store), Path(output_store)
-    if output_store.exists() and not overwrite:
-        raise DataError(f"{output_store} already exists; pass --overwrite to replace it")
+    check_output(config, input_store, output_store, overwrite)
     samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs)
     if config.data.normalize:
         read_normalization(config.data.store, config.data.inputs)  # fail here, naming the store
     out_shape = _output_shape(config, sample_shape)
     tmp = output_store.with_name(f".{output_store.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w")
-    arrays = {PREDICTIONS: (out_shape, "float32")}
-    if config.loss == "cross_entropy":
-        arrays[LABELS] = ((), "int64")
-    for name, (shape, dtype) in arrays.items():
-        # Chunked like the input along axis 0: each task writes whole chunks, never shared ones.
-        group.create_array(name, shape=(samples, *shape), dtype=dtype, chunks=(chunk_size, *shape),
-                           compressors=ZstdCodec(level=3, checksum=True), config={"write_empty_chunks": True})
-    group.attrs[ATTRS_KEY] = {"samples": samples, "chunk_size": chunk_size, "source": input_store,
-                              "model": path, "arrays": {n: {"dtype": d, "sample_shape": list(s)}
-                                                        for n, (s, d) in arrays.items()}}
-    chunks = [Chunk(i, s, min(s + chunk_size, samples)) for i, s in enumerate(range(0, samples, chunk_size))]
-    token = uuid.uuid4().hex[:8]
-    futures = [client.submit(_predict_chunk, config, path, input_store, str(tmp), c, key=f"predict-{token}-{c.index}")
-               for c in chunks]
-    written = sum(client.gather(futures))
-    replace_store(tmp, output_store)
+    try:
+        group = zarr.open_group(str(tmp), mode="w")
+        arrays = {PREDICTIONS: (out_shape, "float32")}
+        if config.loss == "cross_entropy":
+            arrays[LABELS] = ((), "int64")
+        for name, (shape, dtype) in arrays.items():
+            # Chunked like the input along axis 0: each task writes whole chunks, never shared ones.
+            group.create_array(name, shape=(samples, *shape), dtype=dtype, chunks=(chunk_size, *shape),
+                               compressors=ZstdCodec(level=3, checksum=True), config={"write_empty_chunks": True})
+        group.attrs[ATTRS_KEY] = {"written_by": WRITTEN_BY, "samples": samples, "chunk_size": chunk_size,
+                                  "source": input_store, "model": path,
+                                  "arrays": {n: {"dtype": d, "sample_shape": list(s)} for n, (s, d) in arrays.items()}}
+        chunks = [Chunk(i, s, min(s + chunk_size, samples)) for i, s in enumerate(range(0, samples, chunk_size))]
+        token = uuid.uuid4().hex[:8]
+        futures = [client.submit(_predict_chunk, config, path, input_store, str(tmp), c, key=f"predict-{token}-{c.index}")
+                   for c in chunks]
+        wait(futures)  # every task has ended, failed or not, before the temporary store may be removed
+        written = sum(client.gather(futures))
+        replace_store(tmp, output_store)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed predict leaves no partial store, and the old output as it was
+        raise
     return {"store": str(output_store), "samples": written, "chunks": len(chunks), "arrays": sorted(arrays)}
+
+
+def check_output(config: RunConfig, input_store: str | Path, output_store: str | Path, overwrite: bool) -> None:
+    """Refuse an output path that ``predict`` must not write: one that is, lies inside or contains
+    the input store or a store of the config, one inside another Zarr store, and an existing path
+    other than a store that ``predict`` wrote (only that one is replaced, and only with
+    ``overwrite``). Errors name the path and the reason."""
+    output = Path(output_store)
+    target = output.resolve()
+    validation = config.data.validation
+    stores = {"input store": str(input_store), "training store": config.data.store,
+              "test store": config.data.test_store, "validation store": validation.store if validation else None}
+    for what, store in stores.items():
+        if store is None:
+            continue
+        source = Path(store).resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = "is" if target == source else "lies inside" if source in target.parents else "contains"
+            raise DataError(f"predict output {output} {relation} the {what} {store}; write the predictions elsewhere")
+    for parent in target.parents:
+        if (parent / "zarr.json").is_file():
+            raise DataError(f"predict output {output} lies inside the Zarr store {parent}; write the predictions elsewhere")
+    if not os.path.lexists(output):
+        return
+    reason = _not_predictions(output)
+    if reason is not None:
+        raise DataError(f"predict output {output} {reason}; predict replaces (with --overwrite) only a store that "
+                        "predict wrote: choose another path")
+    if not overwrite:
+        raise DataError(f"{output} already exists; pass --overwrite to replace it")
+
+
+def _not_predictions(path: Path) -> str | None:
+    """Why the existing ``path`` is not a store that ``predict`` wrote; None when it is one."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is a file, not a Zarr store"
+    marks = [name for name in RUN_DIR_FILES if (path / name).exists()]
+    if marks:
+        return f"is a run directory (holds {', '.join(marks)})"
+    if not (path / "zarr.json").is_file():
+        return "is a directory, not a Zarr store"
+    try:
+        attrs = zarr.open_group(str(path), mode="r").attrs.get(ATTRS_KEY)
+    except Exception:  # zarr raises several types for a damaged group
+        return "is not a readable Zarr group"
+    if not isinstance(attrs, dict) or attrs.get("written_by") != WRITTEN_BY:
+        return f"is a Zarr store that predict did not write (its attributes lack {ATTRS_KEY}.written_by: {WRITTEN_BY})"
+    extra = sorted(set(os.listdir(path)) - {"zarr.json", PREDICTIONS, LABELS})
+    if extra:
+        return f"holds {', '.join(extra)} besides the predictions"
+    return None
 
 
 # -- on the workers --------------------------------------------------------------------------

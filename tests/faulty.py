@@ -1,4 +1,7 @@
-"""A model that raises once in a worker, at its Nth forward pass, while a flag file is armed."""
+"""A model that raises once in a worker, at its Nth forward pass, while a flag file is armed.
+
+The error is a ``ConnectionError``: a transient fault (say, a dropped connection to remote
+storage) that the flow's train task retries; a model that fails on its data is not retried."""
 
 from __future__ import annotations
 
@@ -27,9 +30,14 @@ class FailOnceIfArmed(nn.Module):
                 os.rename(self.flag, self.flag + ".fired")
             except FileNotFoundError:
                 return x
-            raise RuntimeError(f"injected fault in process {os.getpid()} at forward pass {_CALLS[self.flag]}")
+            raise ConnectionError(f"injected fault in process {os.getpid()} at forward pass {_CALLS[self.flag]}")
         return x
 
 
 def faulty_mlp(flag: str, after: int, **kwargs) -> nn.Sequential:
     return nn.Sequential(FailOnceIfArmed(flag, after), *mlp(**kwargs))
+
+
+def raising_factory(**kwargs) -> nn.Module:
+    """A model factory that fails, as a user's factory with a bug does."""
+    raise RuntimeError("this factory always fails")
