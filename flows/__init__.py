@@ -49,8 +49,9 @@ def check_api(url: str, timeout: float = 5.0) -> None:
 @contextmanager
 def prefect_api(db_dir: str | Path) -> Iterator[str]:
     """Make Prefect report to the server of ``PREFECT_API_URL`` (checked first), or, with none set,
-    to Prefect's local temporary server with its SQLite database in ``db_dir``. Yields the URL, or
-    the database path for the local server."""
+    to a local Prefect server with its SQLite database in ``db_dir``, started for this run as the
+    driver's child (:mod:`flows.local_server`). Yields the URL, or the database path for the local
+    server."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
     url = PREFECT_API_URL.value()
@@ -58,10 +59,30 @@ def prefect_api(db_dir: str | Path) -> Iterator[str]:
         check_api(url)
         yield url
         return
+    from flows.local_server import local_server
+
     db = Path(db_dir).resolve() / PREFECT_DB
     db.parent.mkdir(parents=True, exist_ok=True)
-    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
-        yield str(db)
+    with local_server(db, db.parent / "prefect-server.log") as local_url:
+        try:
+            with temporary_settings(updates={PREFECT_API_URL: local_url,
+                                             PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{db}"}):
+                yield str(db)
+        finally:
+            _drain_to_api()  # the run's last logs and events reach the server before it stops
+
+
+def _drain_to_api(timeout_s: float = 5.0) -> None:
+    """Send the logs and events Prefect still holds in its background workers, waiting at most
+    ``timeout_s`` each (they would otherwise retry against a stopped server at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout_s)
+        except Exception as exc:  # a failed drain must not hide the run's own outcome
+            logging.getLogger(__name__).debug("could not drain %s: %s", worker.__name__, exc)
 
 
 def quiet_run_logs() -> None:

@@ -8,11 +8,14 @@ code 1; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import logging
 import math
 import os
 import shlex
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,6 +80,17 @@ def _user_errors() -> Iterator[None]:
         # soft_wrap: one line however narrow the terminal.
         err.print(Text(f"error: {message}", style="red"), soft_wrap=True)
         raise typer.Exit(1) from None
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        err.print(Text(f"error: {exc.strerror or exc}{where}; the last checkpoint written is intact", style="red"),
+                  soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+_STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+"""Storage errors a user fixes (a full disk or quota, a read-only or forbidden path): one line."""
 
 
 # -- ingest -----------------------------------------------------------------------------------
@@ -181,12 +195,37 @@ def run(
         cfg = load_config(config, overrides or [])
         preflight(cfg)  # bad input fails in seconds, before Prefect and the cluster start
         training = _import_flows()
-        with _ProgressView(cfg) as view:
+        resume_with = shlex.join(["dasktrain", "run", str(config), *(f"--set={o}" for o in overrides or []), "--resume"])
+        with _interrupts_stop_the_run(cfg, resume_with), _ProgressView(cfg) as view:
             summary = training.run_training(config, overrides or [], resume=resume, until_epoch=until_epoch,
                                             on_event=view.on_event)
     result = RunResult(Path(cfg.output_dir), summary["steps"], summary["completed"])
     _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])])
     _print_outputs(summary)
+
+
+@contextmanager
+def _interrupts_stop_the_run(cfg: Any, resume_with: str) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM stop the run the same way: the exception unwinds the driver,
+    which cancels its steps and closes the cluster; Prefect marks the flow run crashed; the
+    local Prefect server stops last. Then one line says where to go on from, and exit code 130."""
+    from pipeline.checkpoint import latest_checkpoint
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() else None
+    try:
+        yield
+    except KeyboardInterrupt:
+        newest = latest_checkpoint(Path(cfg.output_dir))
+        where = (f"last good checkpoint {newest}; go on with: {resume_with}" if newest
+                 else "no checkpoint was written")
+        err.print(Text(f"interrupted: the run stopped; {where}", style="red"), soft_wrap=True)
+        raise typer.Exit(130) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _import_flows() -> Any:

@@ -109,7 +109,15 @@ def read_csv(path: str | Path, target_column: str | None = None, classification:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    with open(path, newline="") as fh:
+    try:
+        return _parse_csv(path, target_column, classification)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} is not UTF-8 text: byte {exc.object[exc.start]:#04x} at offset {exc.start} "
+                        "cannot be decoded; save the file as UTF-8") from None
+
+
+def _parse_csv(path: Path, target_column: str | None, classification: bool) -> dict[str, np.ndarray]:
+    with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)

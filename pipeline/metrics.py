@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import DataError
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -30,9 +32,19 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics file."""
+    """All records of a run's metrics file. A last line torn by a driver that was killed, or by a
+    full disk, mid-write is left out; a damaged line before it is an error naming its number."""
     path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(n, line) for n, line in enumerate(path.read_text(errors="replace").splitlines(), start=1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise DataError(f"{path} line {n} is not a JSON record: {line[:80]!r}") from None
+    return records
 
 
 def _before(line: str, step: int) -> bool:

@@ -97,6 +97,8 @@ def build_model(config: ModelConfig, seed: int) -> nn.Module:
             model = factory(**config.kwargs)
         except TypeError as exc:
             raise ConfigError(f"model.kwargs do not fit {config.factory}: {exc}") from None
+        except Exception as exc:  # the user's factory failed: say which one, and its own words
+            raise ConfigError(f"model.factory {config.factory} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory {config.factory} returned {type(model).__name__}, not a torch nn.Module")
     return model

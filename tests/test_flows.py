@@ -174,6 +174,17 @@ def test_cluster_is_closed_when_a_stage_fails(tmp_path: Path) -> None:
     assert all(c.status.name == "closed" for c in list(SpecCluster._instances)), list(SpecCluster._instances)
 
 
+def test_label_out_of_range_fails_once_not_retried(tmp_path: Path) -> None:
+    arrays = example_arrays("digits")
+    arrays["targets"][5] = 12  # the model has 10 outputs: an error in the data, which a retry repeats
+    bad = write_store(tmp_path / "labels.zarr", arrays, chunk_size=64)
+    state = training_flow(run_config(bad, tmp_path / "run", train={"epochs": 1, "batch_size": 1797, "shards": 2})
+                          .model_dump(mode="json"), return_state=True)
+    assert state.is_failed() and "out of bounds" in (state.message or ""), state.message
+    train_run = task_runs(state.state_details.flow_run_id)["train"]
+    assert train_run.state.is_failed() and train_run.run_count == 1
+
+
 @pytest.mark.parametrize(
     ("update", "error", "fragment"),
     [

@@ -1,0 +1,74 @@
+"""More user-fixable errors through the CLI: each is one ``error:`` line and exit 1, and nothing
+is left damaged (a factory that raises, a non-UTF-8 CSV, a full disk), and a metrics file whose
+last line was torn mid-write (a killed driver, a full disk) is read by ``report`` and ``--resume``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.checkpoint import latest_checkpoint, load_checkpoint
+from pipeline.metrics import read_metrics
+from tests.test_cli import dasktrain, error_line, run_config
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_factory_that_raises_is_named(digits_store: Path, tmp_path: Path) -> None:
+    line = error_line(run_config(digits_store, tmp_path / "run", "model.factory=tests.faulty:raising_factory"))
+    assert "tests.faulty:raising_factory" in line and "this factory always fails" in line
+
+
+def test_csv_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    csv = tmp_path / "latin1.csv"
+    csv.write_bytes(b"a,b,label\n1,2,0\n3,\xe94,1\n")
+    line = error_line(dasktrain("ingest", tmp_path / "out.zarr", "--csv", csv))
+    assert str(csv) in line and "not UTF-8" in line and "offset 18" in line
+    assert not (tmp_path / "out.zarr").exists()
+
+
+def test_torn_last_metrics_line_is_read_by_report_and_resume(digits_store: Path, tmp_path: Path) -> None:
+    stopped = dasktrain("run", Path(__file__).resolve().parents[1] / "examples" / "digits.yaml",
+                        "--set", f"data.store={digits_store}", "--set", f"output_dir={tmp_path / 'half'}",
+                        "--set", "cluster.workers=1", "--set", "cluster.dashboard=false", "--set", "train.epochs=2",
+                        "--until-epoch", "1", timeout=180)
+    assert stopped.returncode == 0, stopped.stderr
+    with open(tmp_path / "half" / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "step", "global_step": 9')  # a driver killed mid-write
+    report = dasktrain("report", tmp_path / "half")
+    assert report.returncode == 0, report.stderr
+    resumed = dasktrain("run", Path(__file__).resolve().parents[1] / "examples" / "digits.yaml",
+                        "--set", f"data.store={digits_store}", "--set", f"output_dir={tmp_path / 'half'}",
+                        "--set", "cluster.workers=1", "--set", "cluster.dashboard=false", "--set", "train.epochs=2",
+                        "--resume", timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    epochs = [r["epoch"] for r in read_metrics(tmp_path / "half") if r["kind"] == "epoch"]
+    assert epochs == [0, 1]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A 1.5 MiB tmpfs (root only): room for one checkpoint of the model below, not two."""
+    mount = tmp_path / "runs" / "run"
+    mount.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(digits_store: Path, tiny_disk: Path) -> None:
+    # 85k parameters: a checkpoint (weights + AdamW's two moments) takes about 1 MiB.
+    line = error_line(run_config(digits_store, tiny_disk, "model.kwargs.hidden=[256,256]", "checkpoint.every_steps=4",
+                                 "checkpoint.keep=5", "cluster.workers=2"))
+    assert "No space left on device" in line
+    newest = latest_checkpoint(tiny_disk)
+    assert newest is not None and load_checkpoint(newest).step == 4
+    records = read_metrics(tiny_disk)
+    assert [r["global_step"] for r in records if r["kind"] == "step"][:4] == [0, 1, 2, 3]
