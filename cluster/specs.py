@@ -4,6 +4,12 @@ Launching is left to Dask's own classes (LocalCluster, dask-cuda's LocalCUDAClus
 dask-jobqueue clusters); this module maps a spec onto them, waits for the workers, and closes
 whatever it started on every exit path. Every failure is one :class:`ClusterError` sentence that
 names the spec file and the field to change.
+
+Where things listen: in a local cluster every socket (scheduler, nannies, workers, and the HTTP
+servers of the scheduler and the workers) is bound to the loopback address, so nothing answers
+from the network. A jobqueue cluster's scheduler and workers listen where dask-jobqueue puts them
+(``jobqueue.interface``, or ``scheduler_options``); its scheduler's HTTP server listens on every
+interface only when the spec asks for a dashboard.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -59,6 +67,22 @@ def open_cluster(spec: ClusterConfig) -> Iterator[Client]:
         cluster.close()
 
 
+LOOPBACK = "127.0.0.1"
+"""The host every socket of a local cluster is bound to."""
+
+LOOPBACK_HTTP = f"{LOOPBACK}:0"
+"""The scheduler's HTTP server in a local cluster (and, without a dashboard, in every cluster):
+loopback only, on a free port, so it clashes with no other cluster on the default one."""
+
+NO_DASHBOARD_CONFIG = {
+    "distributed.scheduler.http.routes": ["distributed.http.health"],
+    "distributed.worker.http.routes": ["distributed.http.health"],
+}
+"""Dask settings of ``cluster.dashboard: false``. Dask starts the HTTP server of the scheduler and
+of every worker whatever the dashboard setting (there is no switch to turn them off); without a
+dashboard they serve ``/health`` alone: no ``/metrics``, no pages about the workers, their
+tasks or their logs."""
+
 LEAN_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "500ms",
@@ -68,20 +92,39 @@ LEAN_CONFIG = {
 
 
 def _start(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
-    # Nannies hand their config to the workers they start, now and on a restart.
-    with dask.config.set(LEAN_CONFIG if spec.lean else {}):
+    # The scheduler reads its config when it starts (in this process, for every kind); nannies
+    # hand theirs to the workers they start, now and on a restart.
+    settings = {**(LEAN_CONFIG if spec.lean else {}), **({} if spec.dashboard else NO_DASHBOARD_CONFIG)}
+    with dask.config.set(settings), _workers_ignore_sigint():
         return _start_kind(spec, security)
+
+
+@contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start local worker processes with SIGINT ignored (a disposition a new process inherits, and
+    Python keeps when it finds it at start-up). Ctrl-C in a terminal signals the whole process
+    group: the driver alone should handle it, stopping the run and closing the cluster in order,
+    not every worker dying mid-step with its own traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _start_kind(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
     if spec.kind == "local":
         workers = spec.workers or 2
         try:
-            # ":0" either way: the scheduler's HTTP server (health, metrics) runs even without a
-            # dashboard, and must not clash with another cluster on the default port.
+            # Loopback for every socket. The workers' HTTP servers follow their host (no
+            # worker_dashboard_address); the scheduler's runs even without a dashboard.
             cluster = LocalCluster(
                 n_workers=workers, threads_per_worker=spec.threads_per_worker, processes=True,
-                memory_limit=spec.memory_limit, dashboard_address=":0", scheduler_kwargs={"dashboard": spec.dashboard},
+                memory_limit=spec.memory_limit, host=LOOPBACK, dashboard_address=LOOPBACK_HTTP,
+                scheduler_kwargs={"dashboard": spec.dashboard},
                 security=security, protocol="tls://" if security else None,
             )
         except Exception as exc:
@@ -117,7 +160,8 @@ def _local_cuda(spec: ClusterConfig, security: Security | None) -> tuple[Cluster
     try:
         cluster = LocalCUDACluster(
             n_workers=workers, CUDA_VISIBLE_DEVICES=devices[:workers], threads_per_worker=spec.threads_per_worker,
-            memory_limit=spec.memory_limit, dashboard_address=":0", scheduler_kwargs={"dashboard": spec.dashboard},
+            memory_limit=spec.memory_limit, host=LOOPBACK, dashboard_address=LOOPBACK_HTTP,
+            scheduler_kwargs={"dashboard": spec.dashboard},
             security=security, protocol="tls://" if security else None,
         )
     except Exception as exc:  # NVML and CUDA errors: one sentence, not their traceback
@@ -152,7 +196,10 @@ def _jobqueue(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, 
                                f"{spec.kind!r}; put your site's directive in cluster.jobqueue.job_extra_directives")
         directive = GPU_DIRECTIVES[spec.kind].format(n=spec.gpus_per_worker)
         options["job_extra_directives"] = [*options.get("job_extra_directives", []), directive]
-    dashboard = {"dashboard_address": ":0"} if spec.dashboard else {"dashboard": False}
+    # The scheduler and the workers listen on jobqueue.interface (or scheduler_options' host or
+    # interface), as dask-jobqueue does. A dashboard asked for is served on every interface, for
+    # a browser elsewhere; without one, the HTTP server (which Dask starts anyway) is loopback only.
+    dashboard = {"dashboard_address": ":0"} if spec.dashboard else {"dashboard": False, "dashboard_address": LOOPBACK_HTTP}
     options["scheduler_options"] = {**dashboard, **options.get("scheduler_options", {})}
     if spec.lean:  # a job's worker reads its config from the environment
         exports = [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"

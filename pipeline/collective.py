@@ -6,7 +6,8 @@ while it trains, a process group over the same workers sums a flat buffer in one
 on the workers:
 
 - :func:`open_rendezvous`, on rank 0: a ``TCPStore`` on a port the OS picks now (never a fixed
-  one); its address reaches the other ranks through the scheduler, as the task's result;
+  one), listening on the worker's own Dask host only (loopback in a local cluster); its address
+  reaches the other ranks through the scheduler, as the task's result;
 - :func:`join_group`, on every rank at once: the process group, kept in the worker's replica
   (a private group object, not torch's process-global default group, so runs never clash);
 - :func:`run_segment`: steps ``[start, stop)`` with no task boundary between them. Each step,
@@ -16,11 +17,21 @@ on the workers:
 
 A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
 :data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
+
+Outside TLS: the store and the gloo/NCCL traffic are plain TCP, and the store asks nobody for
+credentials; so the config refuses ``reduce: collective`` with ``cluster.security: tls``. Every
+socket listens on the worker's Dask host: the store and gloo bind to it, and NCCL is kept on the
+loopback interface when that host is a loopback address.
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
+import logging
+import os
+import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +44,8 @@ from distributed.comm import get_address_host
 from pipeline.errors import DasktrainError
 from pipeline.reduce import StepStats
 from pipeline.replica import get_replica
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
 """Seconds a rank waits for the others in one collective when ``train.step_timeout`` is unset."""
@@ -54,6 +67,10 @@ class CollectiveGroup:
         self.device = device
         group: Any
         if device.type == "cuda":
+            if _is_loopback(host):
+                # NCCL picks its bootstrap interface itself, never lo when another one exists;
+                # a worker served on loopback has all its peers on this machine.
+                os.environ.setdefault("NCCL_SOCKET_IFNAME", "=lo")
             nccl_options = dist.ProcessGroupNCCL.Options()
             nccl_options._timeout = timeout
             group = dist.ProcessGroupNCCL(store, rank, size, nccl_options)
@@ -86,11 +103,42 @@ def _timeout(seconds: float | None) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds or DEFAULT_TIMEOUT_S)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
+
+
+def _store_server(host: str, timeout: datetime.timedelta) -> dist.TCPStore:
+    """A ``TCPStore`` server listening on ``host`` alone, on a port the OS picks.
+
+    Given only a port, torch's store listens on every interface; so the socket is bound here and
+    handed over (``master_listen_fd``, Linux only), and the store owns it from then on."""
+    if sys.platform != "linux":
+        log.warning("the TCPStore of reduce: collective listens on every interface on %s "
+                    "(binding it to %s needs Linux)", sys.platform, host)
+        return dist.TCPStore(host, 0, None, True, timeout, wait_for_workers=False)
+    family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, 0))
+        sock.listen(socket.SOMAXCONN)
+        store = dist.TCPStore(host, sock.getsockname()[1], None, True, timeout, wait_for_workers=False,
+                              master_listen_fd=sock.fileno(), use_libuv=True)
+    except BaseException:
+        sock.close()
+        raise
+    sock.detach()  # the store closes the descriptor
+    return store
+
+
 def open_rendezvous(run_id: str, generation: int, timeout_s: float | None) -> tuple[str, int]:
-    """Dask task on rank 0: host a store on a free port; returns ``(host, port)`` for the others."""
+    """Dask task on rank 0: host a store on a free port of this worker's Dask host (no other
+    interface); returns ``(host, port)`` for the others."""
     replica = get_replica(run_id)
     host = get_address_host(get_worker().address)
-    store = dist.TCPStore(host, 0, None, True, _timeout(timeout_s), wait_for_workers=False)
+    store = _store_server(host, _timeout(timeout_s))
     replica.rendezvous = (store, generation)
     return host, int(store.port)
 

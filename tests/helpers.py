@@ -45,7 +45,8 @@ def synthetic_store(path: Path, samples: int, features: int, classes: int, chunk
 @contextmanager
 def local_client(workers: int, threads: int = 1) -> Iterator[Client]:
     """A real LocalCluster of worker processes (dashboard off) and its client."""
-    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, dashboard_address=":0",
+    with LocalCluster(n_workers=workers, threads_per_worker=threads, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0",
                       scheduler_kwargs={"dashboard": False}, memory_limit="2GiB") as cluster, Client(cluster) as client:
         client.wait_for_workers(workers, timeout=60)
         yield client
