@@ -130,6 +130,49 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def damage_of(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed from (None if it reads back whole): ``state.json``
+    is not a JSON record with a step, or a ``.safetensors`` file's header or length is wrong (a
+    file truncated or overwritten after the atomic rename: a full disk, a bad copy, a user). Only
+    headers are read, not the tensors."""
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        int(state["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"state.json: {type(exc).__name__}: {exc}"
+    files = sorted(checkpoint.glob("*.safetensors"))
+    if not files:
+        return "no .safetensors file"
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as exc:  # safetensors raises its own SafetensorError for a bad header or length
+            return f"{file.name}: {exc}"
+    return None
+
+
+def set_aside_damaged(run_dir: Path) -> list[str]:
+    """Rename the newest checkpoints that cannot be read (see :func:`damage_of`) to
+    ``.step-NNNNNNNN.damaged`` (kept for a look, out of the names resume considers), newest first,
+    until one reads back; returns one line per checkpoint set aside, for the log."""
+    notes = []
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        reason = damage_of(checkpoint)
+        if reason is None:
+            break
+        aside = checkpoint.with_name(f".{checkpoint.name}.damaged")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.rename(checkpoint, aside)
+        notes.append(f"checkpoint {checkpoint} cannot be read ({reason}); set aside as {aside.name}, "
+                     "going on from the one before it")
+        log.warning(notes[-1])
+    return notes
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load a checkpoint directory; errors name the file that is missing or unreadable."""
     path = Path(path)

@@ -30,6 +30,7 @@ from pipeline.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     save_model,
+    set_aside_damaged,
 )
 from pipeline.collective import PeerFailedError, SegmentEnd, join_group, open_rendezvous, run_segment
 from pipeline.config import RunConfig
@@ -145,9 +146,12 @@ def data_layout(config: RunConfig) -> dict[str, Any]:
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
     """Check the run directory against ``resume``; returns the step training starts at.
 
-    Called with the run directory's lock held. A resume is refused when the newest checkpoint
-    was written by another configuration, or when a store changed since (its length, chunking,
-    arrays or metadata: the same config on other data is another trajectory)."""
+    Called with the run directory's lock held. A resume goes on from the newest checkpoint that
+    reads back whole (newer, damaged ones are set aside, saying so); it is refused when that
+    checkpoint was written by another configuration, or when a store changed since (its length,
+    chunking, arrays or metadata: the same config on other data is another trajectory)."""
+    if resume:
+        set_aside_damaged(run_dir)
     newest = latest_checkpoint(run_dir)
     if not resume:
         if newest is not None:

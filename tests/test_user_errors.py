@@ -1,6 +1,8 @@
 """More user-fixable errors through the CLI: each is one ``error:`` line and exit 1, and nothing
-is left damaged (a factory that raises, a non-UTF-8 CSV, a full disk), and a metrics file whose
-last line was torn mid-write (a killed driver, a full disk) is read by ``report`` and ``--resume``."""
+is left damaged (a factory that raises, a non-UTF-8 CSV, a full disk); a metrics file whose
+last line was torn mid-write (a killed driver, a full disk) is read by ``report`` and ``--resume``;
+a checkpoint damaged after it was written is set aside by ``--resume``, which goes on from the
+one before it."""
 
 from __future__ import annotations
 
@@ -9,9 +11,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.checkpoint import latest_checkpoint, load_checkpoint
+from pipeline.driver import train
 from pipeline.metrics import read_metrics
+from tests import helpers
 from tests.test_cli import dasktrain, error_line, run_config
 
 pytestmark = pytest.mark.timeout(240)
@@ -72,3 +77,26 @@ def test_full_disk_is_one_line_and_keeps_the_last_checkpoint(digits_store: Path,
     assert newest is not None and load_checkpoint(newest).step == 4
     records = read_metrics(tiny_disk)
     assert [r["global_step"] for r in records if r["kind"] == "step"][:4] == [0, 1, 2, 3]
+
+
+def test_resume_sets_a_damaged_checkpoint_aside_and_goes_on_from_the_one_before(
+        digits_store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = helpers.run_config(digits_store, tmp_path / "run", train={
+        "epochs": 2, "batch_size": 100, "shards": 2, "seed": 3, "deterministic": True},
+        checkpoint={"every_steps": 4, "keep": 3})
+    whole = config.model_copy(update={"output_dir": str(tmp_path / "whole")})
+    with helpers.local_client(1) as client:
+        train(whole, client=client)
+        train(config, client=client, until_epoch=1)  # 18 steps per epoch: checkpoints 8, 12, 16, 18
+        newest = latest_checkpoint(tmp_path / "run")
+        assert newest is not None and newest.name == "step-00000018"
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated after the rename
+        with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+            result = train(config, client=client, resume=True)
+    assert result.completed
+    assert any("step-00000018 cannot be read" in r.getMessage() for r in caplog.records), caplog.text
+    assert (tmp_path / "run" / "checkpoints" / ".step-00000018.damaged").is_dir()
+    got, expected = helpers.saved_weights(tmp_path / "run"), helpers.saved_weights(tmp_path / "whole")
+    for key in expected:
+        assert torch.equal(got[key], expected[key]), key
