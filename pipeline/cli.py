@@ -47,6 +47,17 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _without_traceback(record: logging.LogRecord) -> bool:
+    """A library's log record on the terminal as its message alone: Dask logs a lost connection
+    with a 50-line traceback before the run ends with its own one-line error (--verbose keeps it)."""
+    if record.exc_info and not record.name.startswith(("pipeline", "flows", "cluster")):
+        record.msg = f"{record.getMessage()} ({record.exc_info[1]!r})" if record.exc_info[1] else record.getMessage()
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+    return True
+
+
 @app.callback()
 def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages (default: warnings only).")] = False,
@@ -57,6 +68,8 @@ def main(
     # propagate to the root, so the root logger's level alone would not hold them back.
     level = logging.INFO if verbose else logging.WARNING
     handler = RichHandler(console=err, level=level, show_time=False, show_path=False)
+    if not verbose:
+        handler.addFilter(_without_traceback)
     # force=True: the last call wins, also when the app is invoked twice in one process (tests).
     logging.basicConfig(level=level, format="%(name)s: %(message)s", handlers=[handler], force=True)
     logging.captureWarnings(True)

@@ -275,8 +275,20 @@ class _Session:
         return self.layout.workers
 
     def _alive(self) -> list[str]:
-        """Workers the scheduler knows now (asked, not cached), minus those this run excluded."""
-        return sorted(set(self.client.nthreads()) - self.excluded)
+        """Workers the scheduler knows now (asked, not cached), minus those this run excluded.
+
+        Raises :class:`ClusterError` when the client has lost the scheduler: its tasks and their
+        results are gone with it, and Dask's client would otherwise retry for minutes."""
+        if self.client.status != "running":
+            raise ClusterError(f"lost the Dask scheduler {self.client.scheduler.address if self.client.scheduler else ''} "
+                               f"(client {self.client.status}); {self._last_good()}; go on with --resume once "
+                               "a scheduler is back")
+        try:
+            nthreads = self.client.nthreads()
+        except Exception as exc:  # the scheduler went away between the check and the call
+            raise ClusterError(f"lost the Dask scheduler ({type(exc).__name__}: {exc}); {self._last_good()}; "
+                               "go on with --resume once a scheduler is back") from None
+        return sorted(set(nthreads) - self.excluded)
 
     # -- the loop ---------------------------------------------------------------------------
 

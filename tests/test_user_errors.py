@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,36 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_goes_on_from_the_one_before(
     got, expected = helpers.saved_weights(tmp_path / "run"), helpers.saved_weights(tmp_path / "whole")
     for key in expected:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_scheduler_of_an_address_cluster_killed_mid_run_is_one_line(digits_store: Path, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    import psutil
+
+    from tests.processes import dask_processes
+
+    out, log = tmp_path / "run", tmp_path / "run.log"
+    with dask_processes(tmp_path, 2) as address:
+        (scheduler,) = [p for p in psutil.Process().children() if "dask_scheduler" in " ".join(p.cmdline())]
+        root = Path(__file__).resolve().parents[1]
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dasktrain"), "run", str(root / "examples" / "digits.yaml"),
+             "--set", f"data.store={digits_store}", "--set", f"output_dir={out}", "--set", "cluster.kind=address",
+             "--set", f"cluster.address={address}", "--set", "train.epochs=30", "--set", "cluster.dashboard=false"],
+            cwd=root, env={**os.environ, "NO_COLOR": "1"}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count('"step"') > 5):
+                assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            scheduler.send_signal(signal.SIGKILL)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log.read_text()
+    assert code == 1 and "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "lost the Dask scheduler" in errors[0], text[-3000:]
