@@ -37,20 +37,14 @@ def test_csv_that_is_not_utf8_is_named(tmp_path: Path) -> None:
 
 
 def test_torn_last_metrics_line_is_read_by_report_and_resume(digits_store: Path, tmp_path: Path) -> None:
-    stopped = dasktrain("run", Path(__file__).resolve().parents[1] / "examples" / "digits.yaml",
-                        "--set", f"data.store={digits_store}", "--set", f"output_dir={tmp_path / 'half'}",
-                        "--set", "cluster.workers=1", "--set", "cluster.dashboard=false", "--set", "train.epochs=2",
-                        "--until-epoch", "1", timeout=180)
-    assert stopped.returncode == 0, stopped.stderr
-    with open(tmp_path / "half" / "metrics.jsonl", "a") as fh:
-        fh.write('{"kind": "step", "global_step": 9')  # a driver killed mid-write
-    report = dasktrain("report", tmp_path / "half")
-    assert report.returncode == 0, report.stderr
-    resumed = dasktrain("run", Path(__file__).resolve().parents[1] / "examples" / "digits.yaml",
-                        "--set", f"data.store={digits_store}", "--set", f"output_dir={tmp_path / 'half'}",
-                        "--set", "cluster.workers=1", "--set", "cluster.dashboard=false", "--set", "train.epochs=2",
-                        "--resume", timeout=180)
-    assert resumed.returncode == 0, resumed.stderr
+    config = helpers.run_config(digits_store, tmp_path / "half", train={"epochs": 2, "batch_size": 100, "shards": 2})
+    with helpers.local_client(1) as client:
+        train(config, client=client, until_epoch=1)
+        with open(tmp_path / "half" / "metrics.jsonl", "a") as fh:
+            fh.write('{"kind": "step", "global_step": 9')  # a driver killed mid-write
+        report = dasktrain("report", tmp_path / "half")
+        assert report.returncode == 0, report.stderr
+        assert train(config, client=client, resume=True).completed
     epochs = [r["epoch"] for r in read_metrics(tmp_path / "half") if r["kind"] == "epoch"]
     assert epochs == [0, 1]
 
