@@ -372,11 +372,7 @@ class _Session:
             stats = self._wait(entry)
             pending.popleft()
             self._record(entry.step, stats, apply_only=entry.apply_only)
-            if time.monotonic() - last_poll > 1.0:  # workers that joined take shards over now
-                last_poll = time.monotonic()
-                joined = set(self._alive()) - set(self.workers)
-                if joined and len(self.workers) < self.config.train.shards:
-                    raise _WorkersChanged(f"workers joined: {sorted(joined)}")
+            last_poll = self._check_joined(last_poll)
 
     def _run_segments(self, t: int, pending: deque[_InFlight]) -> None:
         """``reduce: collective``: run from step ``t`` to the end in segments of many steps, one
@@ -385,6 +381,7 @@ class _Session:
         submitted = t
         length = 4  # until step times are known
         last_done = time.perf_counter()
+        last_poll = time.monotonic()
         while True:
             while submitted < self.end_step and len(pending) < 2:
                 stop = self._segment_stop(submitted, length)
@@ -407,6 +404,18 @@ class _Session:
             if stop % self.plan.steps_per_epoch == 0:  # the epoch closes, with its validation
                 self._record(stop, {**StepStats().as_dict(), **(result["val"] or {})}, apply_only=True)
             length = max(1, min(self.LINEAGE_STEPS, round(self.SEGMENT_S * len(times) / max(sum(times), 1e-6))))
+            last_poll = self._check_joined(last_poll)
+
+    def _check_joined(self, last_poll: float) -> float:
+        """Once a second: raise _WorkersChanged when workers joined (a nanny's restart, a scale-up,
+        a late batch job) and the run has shards for them, so they take shards over now. Returns
+        the time of the last look."""
+        if time.monotonic() - last_poll < 1.0:
+            return last_poll
+        joined = set(self._alive()) - set(self.workers)
+        if joined and len(self.workers) < self.config.train.shards:
+            raise _WorkersChanged(f"workers joined: {sorted(joined)}")
+        return time.monotonic()
 
     def _segment_stop(self, start: int, length: int) -> int:
         """Where a segment from ``start`` ends: after ``length`` steps, or at the next epoch

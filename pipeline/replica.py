@@ -53,6 +53,8 @@ _REPLICAS: dict[str, Replica] = {}
 """Replicas living in this worker process, by run id."""
 
 VAL_CACHE_BYTES = 256 * 2**20
+HISTORY_STEPS = 256
+"""Root stats of this many applied steps stay on the replica (a few hundred bytes each)."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,9 @@ class Replica:
         device) divided by the global sample count; refuses a non-finite one per ``on_nan``."""
         self.applied = t + 1
         self.history[t] = stats.as_dict()
-        self.history.pop(t - 32, None)
+        # Kept for the steps a driver may not have recorded yet when it regroups: up to two
+        # collective segments of LINEAGE_STEPS (64) each, with room to spare.
+        self.history.pop(t - HISTORY_STEPS, None)
         flat = grad_sum / max(stats.count, 1)
         finite = stats.nonfinite == 0 and bool(torch.isfinite(flat).all())
         if not finite:
