@@ -11,46 +11,22 @@ starts is ended by pid.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 from tests.helpers import run_config
 
-ROOT = Path(__file__).resolve().parents[1]
-API_URL = os.environ.get("PREFECT_API_URL", "")
-
-
-def _live(url: str) -> bool:
-    try:
-        return httpx.get(url.rstrip("/") + "/health", timeout=3).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-if not API_URL or not _live(API_URL):
-    pytest.skip("needs PREFECT_API_URL of a live Prefect server (scripts/prefect-server.sh start DIR)",
-                allow_module_level=True)
+# The live-server check (a module-level skip without one) and the process helper are the
+# deployment tests' own.
+from tests.test_deployments import API_URL, ROOT, stop
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """End the serving process this test started: SIGTERM (the runner shuts down), then SIGKILL."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_flow_runs_of_a_deployment_override_data_keys_only(digits_store: Path, tmp_path: Path) -> None:
