@@ -26,4 +26,8 @@ else
   echo "test: SLURM could not be started here; the SLURM tests will skip"
 fi
 
-python -m pytest -q -p no:cacheprovider "$@"
+# Two pytest processes (pytest-xdist), each taking whole test files, so a module's cluster and
+# server fixtures stay in one process: the tests spend much of their time starting processes and
+# waiting on them, and one process kept only about one core busy. DASKTRAIN_TEST_PROCESSES=0 runs
+# them in this process, one after the other.
+python -m pytest -q -p no:cacheprovider -n "${DASKTRAIN_TEST_PROCESSES:-2}" --dist loadfile "$@"
