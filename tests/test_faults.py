@@ -117,9 +117,20 @@ def test_deterministic_bitwise_after_kill_and_after_join(store, tmp_path):
     check_exactly_once(tmp_path / "joined", training_samples(config), epochs=2)
 
 
-def test_soak_three_epochs_kills_and_joins(store, tmp_path):
-    """Every few steps a worker is killed; its nanny starts a fresh one, which joins the run."""
-    config = fault_config(store, tmp_path / "clean", model=STOCHASTIC_MLP, deterministic=True, epochs=3)
+BATCHNORM_CNN = {"factory": "pipeline.models:cnn", "kwargs": {
+    "in_channels": 1, "num_classes": 10, "image_size": 8, "channels": [8, 16], "hidden": 32, "batch_norm": True}}
+
+
+@pytest.fixture(scope="module")
+def image_store(tmp_path_factory):
+    return write_store(tmp_path_factory.mktemp("data") / "digits-image.zarr", example_arrays("digits", image=True),
+                       chunk_size=64)
+
+
+def test_soak_three_epochs_kills_and_joins(image_store, tmp_path):
+    """Every few steps a worker is killed; its nanny starts a fresh one, which joins the run. The
+    BatchNorm CNN: its running statistics too must come out bitwise as in a fault-free run."""
+    config = fault_config(image_store, tmp_path / "clean", model=BATCHNORM_CNN, deterministic=True, epochs=3)
     with local_client(2) as client:
         train(config, client=client)
     clean = saved_weights(tmp_path / "clean")
