@@ -111,11 +111,7 @@ def train(
         check_workers_fit(config)  # say so before starting the cluster
     run_dir = Path(config.output_dir)
     with run_lock(run_dir, "train"):  # one writer per run directory, released on every exit
-        start_step = prepare_run_dir(config, run_dir, resume)
-        stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
-        end_step = stop_epoch * plan.steps_per_epoch
-        if start_step > end_step:
-            raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
+        start_step, end_step = run_span(config, run_dir, plan, resume, until_epoch)
         emit = on_event or (lambda event: None)
         with client_for(config, client) as c:
             session = _Session(config, c, splits, plan, run_dir, start_step, end_step, emit)
@@ -141,6 +137,18 @@ def data_layout(config: RunConfig) -> dict[str, Any]:
     if validation is not None and validation.store is not None:
         layouts["data.validation.store"] = store_layout(validation.store)
     return layouts
+
+
+def run_span(config: RunConfig, run_dir: Path, plan: SamplingPlan, resume: bool,
+             until_epoch: int | None) -> tuple[int, int]:
+    """The global steps ``[start, end)`` this call trains: from the run directory's state
+    (:func:`prepare_run_dir`, with its lock held) to the end, or to the end of ``until_epoch``."""
+    start_step = prepare_run_dir(config, run_dir, resume)
+    stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
+    end_step = stop_epoch * plan.steps_per_epoch
+    if start_step > end_step:
+        raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
+    return start_step, end_step
 
 
 def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:

@@ -72,7 +72,7 @@ def train_pipeline(
     on_event: Callable[[Event], None] | None = None,
 ) -> Any:
     """Pipeline-parallel training of ``config``; see :func:`pipeline.driver.train` for the arguments."""
-    from pipeline.driver import client_for, prepare_run_dir  # driver dispatches here: import late
+    from pipeline.driver import client_for, run_span  # driver dispatches here: import late
 
     splits = resolve_splits(config)
     plan = build_plan(config, splits)
@@ -95,13 +95,9 @@ def train_pipeline(
         )
     run_dir = Path(config.output_dir)
     with run_lock(run_dir, "train"):  # one writer per run directory, released on every exit
-        start_step = prepare_run_dir(config, run_dir, resume)
+        start_step, end_step = run_span(config, run_dir, plan, resume, until_epoch)
         if start_step:
             layout = _layout_of(latest_checkpoint(run_dir), layout)
-        stop_epoch = min(config.train.epochs, until_epoch or config.train.epochs)
-        end_step = stop_epoch * plan.steps_per_epoch
-        if start_step > end_step:
-            raise CheckpointError(f"the newest checkpoint in {run_dir} is at step {start_step}, past the requested end {end_step}")
         emit = on_event or (lambda event: None)
         with client_for(config, client) as c:
             return _PipelineSession(config, c, splits, plan, layout, run_dir, start_step, end_step, emit).run()
