@@ -57,9 +57,22 @@ def wait_for_steps(proc: subprocess.Popen[bytes], out: Path, steps: int, log: Pa
         time.sleep(0.2)
 
 
-def end_all(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """The processes still running (zombies aside); each one is then killed, by pid."""
-    left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+def end_all(processes: list[psutil.Process], grace_s: float = 10.0) -> list[psutil.Process]:
+    """The processes still running after ``grace_s`` (zombies aside); each one is then killed, by pid.
+
+    A worker process and the multiprocessing helpers it shares with its siblings leave a moment
+    after the driver: their exit is awaited with a deadline, not checked at one instant."""
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    deadline = time.monotonic() + grace_s
+    left = [p for p in processes if running(p)]
+    while left and time.monotonic() < deadline:
+        psutil.wait_procs(left, timeout=0.5)
+        left = [p for p in left if running(p)]
     for p in left:
         p.kill()
     return left
@@ -116,4 +129,4 @@ def test_killed_driver_takes_its_prefect_server_along(digits_store, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-        end_all(descendants)  # the orphaned workers of the killed driver
+        end_all(descendants, grace_s=0)  # the orphaned workers of the killed driver
