@@ -11,7 +11,7 @@ and global batch (``--batch``) on the same synthetic Zarr store, written once pe
   would, shuffled once per epoch, ``workers x threads`` torch threads (the CPUs dasktrain gets);
 - ``DDP``: ``--workers`` processes of ``DistributedDataParallel`` over gloo, each with the whole
   store in memory, taking its slice of the same global batches, ``--threads`` torch threads each;
-- ``dasktrain <mode>``: ``pipeline.driver.train`` on a fresh LocalCluster of ``--workers`` worker
+- ``dasktrain <mode>``: ``dasktrain.driver.train`` on a fresh LocalCluster of ``--workers`` worker
   processes of ``--threads`` threads each, for each mode of ``MODES`` (``--modes``):
   ``tree`` (``reduce: tree``, fast mode), ``tree-bf16`` (the same, ``grad_transfer: bf16``) and
   ``collective`` (``reduce: collective``), with ``data.cache`` on (``--no-cache``: off) and
@@ -73,18 +73,18 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import zarr
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.config import RunConfig, validate_config
-from pipeline.driver import train
-from pipeline.ingest import write_store
-from pipeline.metrics import read_metrics
-from pipeline.models import build_model
-from pipeline.objective import build_optimizer
+from dasktrain.allocator import keep_freed_memory
+from dasktrain.config import RunConfig, validate_config
+from dasktrain.driver import train
+from dasktrain.ingest import write_store
+from dasktrain.metrics import read_metrics
+from dasktrain.models import build_model
+from dasktrain.objective import build_optimizer
 
 MODELS = {
-    "mlp": ({"factory": "pipeline.models:mlp",
+    "mlp": ({"factory": "dasktrain.models:mlp",
              "kwargs": {"in_features": 784, "out_features": 10, "hidden": [1024, 1024]}}, (784,)),
-    "cnn": ({"factory": "pipeline.models:cnn",
+    "cnn": ({"factory": "dasktrain.models:cnn",
              "kwargs": {"in_channels": 3, "num_classes": 10, "image_size": 32}}, (3, 32, 32)),
 }
 

@@ -8,7 +8,7 @@ or ``DASKTRAIN_WHEELS``) with ``pip --no-index``: nothing comes over the network
 torch is kept as it is. The project itself is used from this checkout (``PYTHONPATH``).
 
 Figures (JSON, also printed): the pytest summary of ``-m gpu``, and samples/s of
-  - one replica's forward/backward/step on this GPU, fp32 and bf16 (``pipeline.device.Placement``);
+  - one replica's forward/backward/step on this GPU, fp32 and bf16 (``dasktrain.device.Placement``);
   - dasktrain end to end on ``local-cuda`` (one worker per GPU, up to 4) over a synthetic store.
 Exit status: 0 when the tests pass, 1 when some fail, 2 when there is no GPU or a package is missing.
 """
@@ -76,7 +76,7 @@ def bench_replica(steps: int) -> dict[str, Any]:
     """Forward/backward/optimizer step of one MLP replica on this GPU, fp32 and bf16."""
     import torch
 
-    from pipeline.device import Placement
+    from dasktrain.device import Placement
 
     results: dict[str, Any] = {}
     batch, width = 4096, 2048
@@ -121,9 +121,9 @@ def bench_local_cuda(workdir: Path) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from pipeline.config import validate_config
-    from pipeline.driver import train
-    from pipeline.ingest import write_store
+    from dasktrain.config import validate_config
+    from dasktrain.driver import train
+    from dasktrain.ingest import write_store
 
     workers = max(1, min(torch.cuda.device_count(), 4))
     rng = np.random.default_rng(0)
@@ -134,7 +134,7 @@ def bench_local_cuda(workdir: Path) -> dict[str, Any]:
                         chunk_size=4096)
     config = validate_config({
         "data": {"store": str(store)},
-        "model": {"factory": "pipeline.models:mlp",
+        "model": {"factory": "dasktrain.models:mlp",
                   "kwargs": {"in_features": features, "out_features": 10, "hidden": [1024, 1024]}},
         "optimizer": {"name": "adamw", "lr": 1e-3},
         "train": {"epochs": 2, "batch_size": 4096, "shards": 4 * workers, "seed": 0},

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from distributed import Client, LocalCluster
 
-from pipeline.config import validate_config
-from pipeline.driver import train
-from pipeline.ingest import write_store
+from dasktrain.config import validate_config
+from dasktrain.driver import train
+from dasktrain.ingest import write_store
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
             for m in (1, 2, 4, 8):
                 config = validate_config({
                     "data": {"store": str(store)},
-                    "model": {"factory": "pipeline.models:mlp",
+                    "model": {"factory": "dasktrain.models:mlp",
                               "kwargs": {"in_features": width, "out_features": width, "hidden": hidden}},
                     "optimizer": {"name": "sgd", "lr": 0.01},
                     "train": {"epochs": 1, "batch_size": args.batch, "shards": 4},

@@ -9,8 +9,8 @@ lose everything since the last checkpoint). This measures it and reports it; spe
 asserted, these machines are shared.
 
 Each mode (``--modes``: ``tree`` is ``reduce: tree``, ``collective`` is ``reduce: collective``)
-trains a small MLP on a synthetic Zarr store with ``pipeline.driver.train`` on a cluster started
-as dasktrain starts one (``cluster.open_cluster``: a ``LocalCluster`` of ``--workers`` worker
+trains a small MLP on a synthetic Zarr store with ``dasktrain.driver.train`` on a cluster started
+as dasktrain starts one (``dasktrain.cluster.open_cluster``: a ``LocalCluster`` of ``--workers`` worker
 processes, each under a nanny, so a killed worker is restarted by its nanny and may join the run
 again). A thread beside the driver kills, one kill at a time:
 
@@ -72,10 +72,10 @@ import numpy as np
 from distributed import Client
 
 from benchmarks.compare import machine
-from cluster import open_cluster
-from pipeline.config import RunConfig, validate_config
-from pipeline.driver import train
-from pipeline.ingest import write_store
+from dasktrain.cluster import open_cluster
+from dasktrain.config import RunConfig, validate_config
+from dasktrain.driver import train
+from dasktrain.ingest import write_store
 
 MODES: dict[str, dict[str, Any]] = {"tree": {"reduce": "tree"}, "collective": {"reduce": "collective"}}
 """Mode -> its train settings."""
@@ -268,7 +268,7 @@ def make_store(folder: Path) -> Path:
 def recovery_config(store: Path, out: Path, mode: str, workers: int, seed: int) -> RunConfig:
     return validate_config({
         "data": {"store": str(store)},
-        "model": {"factory": "pipeline.models:mlp",
+        "model": {"factory": "dasktrain.models:mlp",
                   "kwargs": {"in_features": FEATURES, "out_features": CLASSES, "hidden": HIDDEN}},
         "optimizer": {"name": "sgd", "lr": 0.01, "momentum": 0.9},
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "shards": 2 * workers, "seed": seed,
@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     # Every kill makes Dask log errors and tracebacks, here and (read from the environment when
     # they start) in the worker processes: keep the output to the kills and the table.
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "critical"
-    for name in ("distributed", "distributed.client", "pipeline"):
+    for name in ("distributed", "distributed.client", "dasktrain"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
     results: dict[str, dict[str, Any]] = {}

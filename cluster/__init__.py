@@ -5,12 +5,12 @@ function that turns a spec into a running cluster and a connected ``Client``.
   or an existing scheduler; waiting for workers; closing on every exit path.
 - ``tls``: the certificates of ``security: tls`` (generated for local kinds, files otherwise).
 
-The spec itself, and the reading of spec files, is :class:`pipeline.config.ClusterConfig`.
+The spec itself, and the reading of spec files, is :class:`dasktrain.config.ClusterConfig`.
 """
 
 from __future__ import annotations
 
-from cluster.specs import open_cluster, visible_gpus
-from cluster.tls import cluster_security
+from dasktrain.cluster.specs import open_cluster, visible_gpus
+from dasktrain.cluster.tls import cluster_security
 
 __all__ = ["cluster_security", "open_cluster", "visible_gpus"]

@@ -27,9 +27,9 @@ import dask.config
 from distributed import Client, LocalCluster, Security
 from distributed.deploy import Cluster
 
-from cluster.tls import cluster_security
-from pipeline.config import JOBQUEUE_KINDS, ClusterConfig
-from pipeline.errors import ClusterError
+from dasktrain.cluster.tls import cluster_security
+from dasktrain.config import JOBQUEUE_KINDS, ClusterConfig
+from dasktrain.errors import ClusterError
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from distributed import Security
 
-from pipeline.config import ClusterConfig
-from pipeline.errors import ClusterError
+from dasktrain.config import ClusterConfig
+from dasktrain.errors import ClusterError
 
 
 def cluster_security(spec: ClusterConfig) -> Security | None:

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import DasktrainError
+from dasktrain.errors import DasktrainError
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -50,7 +50,7 @@ def check_api(url: str, timeout: float = 5.0) -> None:
 def prefect_api(db_dir: str | Path) -> Iterator[str]:
     """Make Prefect report to the server of ``PREFECT_API_URL`` (checked first), or, with none set,
     to a local Prefect server with its SQLite database in ``db_dir``, started for this run as the
-    driver's child (:mod:`flows.local_server`). Yields the URL, or the database path for the local
+    driver's child (:mod:`dasktrain.flows.local_server`). Yields the URL, or the database path for the local
     server."""
     from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
 
@@ -59,7 +59,7 @@ def prefect_api(db_dir: str | Path) -> Iterator[str]:
         check_api(url)
         yield url
         return
-    from flows.local_server import local_server
+    from dasktrain.flows.local_server import local_server
 
     db = Path(db_dir).resolve() / PREFECT_DB
     db.parent.mkdir(parents=True, exist_ok=True)

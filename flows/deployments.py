@@ -1,7 +1,7 @@
 """Scheduled deployments of the training flow, served by a long-running process.
 
 ``dasktrain deploy CONFIG --cron "0 2 * * *"`` calls :func:`serve_training`: it registers a
-deployment of :func:`flows.training.training_flow` with that schedule on the Prefect server of
+deployment of :func:`dasktrain.flows.training.training_flow` with that schedule on the Prefect server of
 ``PREFECT_API_URL`` and stays up, running each scheduled flow run in a subprocess, until it is
 stopped (Ctrl-C or SIGTERM). ``prefect.yaml`` shows the other way, a work pool and ``prefect deploy``.
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prefect.settings import PREFECT_API_URL
 
-from flows import PrefectAPIError, check_api
-from flows.training import training_flow
+from dasktrain.flows import PrefectAPIError, check_api
+from dasktrain.flows.training import training_flow
 
 
 def serve_training(config: str | Path, *, name: str | None = None, cron: str | None = None,
@@ -25,7 +25,7 @@ def serve_training(config: str | Path, *, name: str | None = None, cron: str | N
     time (a retrain that outlasts its period is not overlapped by the next). ``overrides`` (the
     owner's ``--set``) are baked into the deployment; a flow run created from it (UI, API,
     ``prefect deployment run``) may pass its own ``overrides`` only for the data keys of
-    :data:`pipeline.config.FLOW_RUN_OVERRIDE_KEYS`, and change no other parameter."""
+    :data:`dasktrain.config.FLOW_RUN_OVERRIDE_KEYS`, and change no other parameter."""
     url = PREFECT_API_URL.value()
     if not url:
         raise PrefectAPIError(
@@ -41,7 +41,7 @@ def serve_training(config: str | Path, *, name: str | None = None, cron: str | N
         cron=cron,
         interval=interval,
         # The owner's overrides are the deployment's own; a flow run's `overrides` are checked
-        # against an allow-list (flows.training.check_deployment_run).
+        # against an allow-list (dasktrain.flows.training.check_deployment_run).
         parameters={"config": str(path), "deployment_overrides": list(overrides), "per_run_output": True},
         tags=["dasktrain"],
         description=f"dasktrain training of {path}",

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.errors import DasktrainError
+from dasktrain.errors import DasktrainError
 
 _DIE_WITH_PARENT = """
 import ctypes, os, signal, sys

@@ -27,12 +27,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run, task_run
 
-from flows import prefect_api
-from pipeline import driver, inference, report
-from pipeline.checkpoint import latest_checkpoint
-from pipeline.config import RunConfig, check_flow_run_overrides, load_config, validate_config
-from pipeline.errors import ClusterError, ConfigError
-from pipeline.prepare import prepare_data
+from dasktrain import driver, inference, report
+from dasktrain.checkpoint import latest_checkpoint
+from dasktrain.config import RunConfig, check_flow_run_overrides, load_config, validate_config
+from dasktrain.errors import ClusterError, ConfigError
+from dasktrain.flows import prefect_api
+from dasktrain.prepare import prepare_data
 
 EVENT_HOOK: Callable[[driver.Event], None] | None = None
 """Receives the driver's events during the train stage when set (the CLI's progress display)."""
@@ -56,7 +56,7 @@ class FlowCluster:
 
     def open(self, config: RunConfig) -> Client:
         if self.client is None:
-            from cluster import open_cluster
+            from dasktrain.cluster import open_cluster
 
             self.client = self._stack.enter_context(open_cluster(config.cluster))
         return self.client
@@ -158,7 +158,7 @@ def training_flow(config: str | dict[str, Any], overrides: list[str] | None = No
     puts the run in its own directory under ``output_dir`` (scheduled deployments);
     ``deployment_overrides``, the deployment owner's (``dasktrain deploy --set``), apply before
     ``overrides``. A flow run of a deployment may change only ``overrides``, and only with keys of
-    :data:`~pipeline.config.FLOW_RUN_OVERRIDE_KEYS` (:func:`check_deployment_run`)."""
+    :data:`~dasktrain.config.FLOW_RUN_OVERRIDE_KEYS` (:func:`check_deployment_run`)."""
     check_deployment_run({"config": config, "overrides": overrides, "resume": resume, "until_epoch": until_epoch,
                           "per_run_output": per_run_output, "deployment_overrides": deployment_overrides})
     cluster = FlowCluster()
@@ -176,7 +176,7 @@ def check_deployment_run(parameters: dict[str, Any]) -> None:
     """In a flow run created from a deployment, refuse (before anything runs) parameters that the
     deployment's owner did not set: every parameter but ``overrides`` must be the deployment's own
     (or the flow's default), and each override that is not one of the deployment's own ``overrides``
-    must set a key of :data:`~pipeline.config.FLOW_RUN_OVERRIDE_KEYS` to a plain value, so that a
+    must set a key of :data:`~dasktrain.config.FLOW_RUN_OVERRIDE_KEYS` to a plain value, so that a
     flow run can change data and numbers, never which code runs. A direct call of the flow (and
     ``dasktrain run``) is not restricted: the caller runs their own code.
 
@@ -202,7 +202,7 @@ def check_deployment_run(parameters: dict[str, Any]) -> None:
         # None, False and [] alike: a parameter left out of the deployment has the flow's default.
         if name != "overrides" and (value or None) != (owner[name] or None):
             raise ConfigError(f"{source}: parameter {name!r} refused: it is the deployment's own; a flow run may "
-                              "pass only overrides of data keys (see pipeline.config.FLOW_RUN_OVERRIDE_KEYS)")
+                              "pass only overrides of data keys (see dasktrain.config.FLOW_RUN_OVERRIDE_KEYS)")
     trusted = owner["overrides"] or []
     check_flow_run_overrides([o for o in parameters["overrides"] or [] if o not in trusted], source)
 

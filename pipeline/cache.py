@@ -26,7 +26,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from pipeline.store import Chunk
+from dasktrain.store import Chunk
 
 log = logging.getLogger(__name__)
 

@@ -24,14 +24,14 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
-from pipeline.errors import CheckpointError
+from dasktrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 DATA_LAYOUT = "data_layout"
 """Key of ``state.json`` holding, per config key (``data.store``, ``data.validation.store``), the
-store's :func:`pipeline.store.store_layout`."""
+store's :func:`dasktrain.store.store_layout`."""
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -213,7 +213,7 @@ def check_data_layout(checkpoint: Path, recorded: dict[str, Any] | None, current
 
 
 def describe_layout_change(was: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """What differs between two :func:`pipeline.store.store_layout` records, in words (empty: nothing)."""
+    """What differs between two :func:`dasktrain.store.store_layout` records, in words (empty: nothing)."""
     old_arrays, new_arrays = was.get("arrays", {}), now.get("arrays", {})
     changes = []
     if sorted(old_arrays) != sorted(new_arrays):

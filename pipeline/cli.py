@@ -2,7 +2,7 @@
 
 The CLI owns the terminal and nothing else: it parses arguments, calls into ``pipeline``, draws
 the progress display from the driver's events and prints summaries. Every
-:class:`~pipeline.errors.DasktrainError` becomes one red ``error: ...`` line on stderr and exit
+:class:`~dasktrain.errors.DasktrainError` becomes one red ``error: ...`` line on stderr and exit
 code 1; anything else is a bug and keeps its traceback.
 """
 
@@ -29,11 +29,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from pipeline.errors import DasktrainError
+from dasktrain.errors import DasktrainError
 
 if TYPE_CHECKING:
-    from pipeline.config import RunConfig
-    from pipeline.driver import Event, RunResult
+    from dasktrain.config import RunConfig
+    from dasktrain.driver import Event, RunResult
 
 app = typer.Typer(
     name="dasktrain",
@@ -50,7 +50,7 @@ err = Console(stderr=True)
 def _without_traceback(record: logging.LogRecord) -> bool:
     """A library's log record on the terminal as its message alone: Dask logs a lost connection
     with a 50-line traceback before the run ends with its own one-line error (--verbose keeps it)."""
-    if record.exc_info and not record.name.startswith(("pipeline", "flows", "cluster")):
+    if record.exc_info and not record.name.startswith("dasktrain"):
         record.msg = f"{record.getMessage()} ({record.exc_info[1]!r})" if record.exc_info[1] else record.getMessage()
         record.args = ()
         record.exc_info = None
@@ -142,7 +142,7 @@ def ingest(
     _only_with("--inputs-key/--targets-key", (inputs_key, targets_key) != ("inputs", "targets"), "--npz", npz is not None)
     _only_with("--target-column/--regression", target_column is not None or regression, "--csv", csv is not None)
 
-    from pipeline import ingest as ing
+    from dasktrain import ingest as ing
 
     with _user_errors():
         if example is not None:
@@ -200,9 +200,9 @@ def run(
 
     With PREFECT_API_URL set the run is recorded on that server (checked first); without, on
     Prefect's local temporary server with its database in .prefect/ beside the run directory."""
-    from pipeline.config import load_config
-    from pipeline.driver import RunResult
-    from pipeline.prepare import preflight
+    from dasktrain.config import load_config
+    from dasktrain.driver import RunResult
+    from dasktrain.prepare import preflight
 
     with _user_errors():
         cfg = load_config(config, overrides or [])
@@ -222,7 +222,7 @@ def _interrupts_stop_the_run(cfg: Any, resume_with: str) -> Iterator[None]:
     """Ctrl-C (SIGINT) and SIGTERM stop the run the same way: the exception unwinds the driver,
     which cancels its steps and closes the cluster; Prefect marks the flow run crashed; the
     local Prefect server stops last. Then one line says where to go on from, and exit code 130."""
-    from pipeline.checkpoint import latest_checkpoint
+    from dasktrain.checkpoint import latest_checkpoint
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -242,18 +242,18 @@ def _interrupts_stop_the_run(cfg: Any, resume_with: str) -> Iterator[None]:
 
 
 def _import_flows() -> Any:
-    """``flows.training``, imported with the terminal kept: Prefect sets up its own logging when
+    """``dasktrain.flows.training``, imported with the terminal kept: Prefect sets up its own logging when
     imported (its handler on the root logger); the CLI's stays, and flow- and task-run logs go to
     the Prefect API only unless --verbose."""
     handlers, level = list(logging.root.handlers), logging.root.level
-    import flows
-    import flows.training
+    import dasktrain.flows
+    import dasktrain.flows.training
 
     logging.root.handlers[:] = handlers
     logging.root.setLevel(level)
     if level > logging.INFO:
-        flows.quiet_run_logs()
-    return flows.training
+        dasktrain.flows.quiet_run_logs()
+    return dasktrain.flows.training
 
 
 def _print_outputs(summary: dict[str, Any]) -> None:
@@ -282,9 +282,9 @@ def predict(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output store.")] = False,
 ) -> None:
     """Batch inference from Zarr to Zarr, chunk by chunk on the workers of the config's cluster."""
-    from cluster import open_cluster
-    from pipeline.config import load_config
-    from pipeline.inference import predict as run_predict
+    from dasktrain.cluster import open_cluster
+    from dasktrain.config import load_config
+    from dasktrain.inference import predict as run_predict
 
     with _user_errors():
         cfg = load_config(config, overrides or [])
@@ -300,7 +300,7 @@ def report(
     png: Annotated[Path | None, typer.Option("--out", help="Where to write the PNG (default: RUN_DIR/curves.png).")] = None,
 ) -> None:
     """Draw a run's loss and accuracy curves as a PNG (the flow's artifact, without Prefect)."""
-    from pipeline.report import epoch_table, plot_curves
+    from dasktrain.report import epoch_table, plot_curves
 
     with _user_errors():
         path = plot_curves(run_dir, png)
@@ -328,12 +328,12 @@ def deploy(
     and runs the flow on schedule, each run in its own directory under output_dir, until stopped."""
     if (cron is None) == (interval is None):
         raise typer.BadParameter("give exactly one of --cron or --interval")
-    from pipeline.config import load_config
+    from dasktrain.config import load_config
 
     with _user_errors():
         load_config(config, overrides or [])  # a bad config fails now, not at 02:00
         _import_flows()
-        from flows.deployments import serve_training
+        from dasktrain.flows.deployments import serve_training
 
         serve_training(config, name=name, cron=cron, interval=interval, overrides=overrides or [])
 
@@ -431,8 +431,8 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 def _print_run(result: RunResult, config: RunConfig, run_args: list[str]) -> None:
-    from pipeline.driver import CONFIG_FILE
-    from pipeline.metrics import METRICS_FILE, read_metrics
+    from dasktrain.driver import CONFIG_FILE
+    from dasktrain.metrics import METRICS_FILE, read_metrics
 
     # From metrics.jsonl rather than result.epochs: after --resume it also holds earlier epochs.
     epochs = [r for r in read_metrics(result.run_dir) if r.get("kind") == "epoch"]

@@ -41,9 +41,9 @@ import torch.distributed as dist
 from distributed import get_worker
 from distributed.comm import get_address_host
 
-from pipeline.errors import DasktrainError
-from pipeline.reduce import StepStats
-from pipeline.replica import get_replica
+from dasktrain.errors import DasktrainError
+from dasktrain.reduce import StepStats
+from dasktrain.replica import get_replica
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from dasktrain.errors import ConfigError
 
 
 class _Frozen(BaseModel):
@@ -75,7 +75,7 @@ class ModelConfig(_Frozen):
     """The model, built on every worker from an import path and keyword arguments."""
 
     factory: str = Field(pattern=r"^[\w.]+:[\w.]+$")
-    """``module:callable`` returning an ``nn.Module``; built-ins: ``pipeline.models:mlp``, ``pipeline.models:cnn``."""
+    """``module:callable`` returning an ``nn.Module``; built-ins: ``dasktrain.models:mlp``, ``dasktrain.models:cnn``."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the factory."""
 
@@ -305,8 +305,8 @@ def _spec_path(name: str) -> Path:
 
 
 def _shipped_specs() -> dict[str, Path]:
-    """The YAML specs in the ``cluster`` package, found without importing it (it imports us)."""
-    found = importlib.util.find_spec("cluster")
+    """The YAML specs in the ``dasktrain.cluster`` package (folder ``cluster/``), found without importing it (it imports us)."""
+    found = importlib.util.find_spec("dasktrain.cluster")
     if found is None or not found.submodule_search_locations:
         return {}
     folder = Path(next(iter(found.submodule_search_locations)))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from distributed import Client, Future, wait
 
-from pipeline.checkpoint import (
+from dasktrain.checkpoint import (
     DATA_LAYOUT,
     check_data_layout,
     latest_checkpoint,
@@ -32,14 +32,14 @@ from pipeline.checkpoint import (
     save_model,
     set_aside_damaged,
 )
-from pipeline.collective import PeerFailedError, SegmentEnd, join_group, open_rendezvous, run_segment
-from pipeline.config import RunConfig
-from pipeline.errors import CheckpointError, ClusterError, DasktrainError
-from pipeline.metrics import MetricsLog
-from pipeline.objective import lr_at
-from pipeline.plan import SamplingPlan
-from pipeline.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
-from pipeline.reduce import (
+from dasktrain.collective import PeerFailedError, SegmentEnd, join_group, open_rendezvous, run_segment
+from dasktrain.config import RunConfig
+from dasktrain.errors import CheckpointError, ClusterError, DasktrainError
+from dasktrain.metrics import MetricsLog
+from dasktrain.objective import lr_at
+from dasktrain.plan import SamplingPlan
+from dasktrain.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
+from dasktrain.reduce import (
     NodeId,
     ReductionTree,
     RootRecipe,
@@ -49,7 +49,7 @@ from pipeline.reduce import (
     submit_tree,
     summarize,
 )
-from pipeline.replica import (
+from dasktrain.replica import (
     ReplicaSpec,
     StepActions,
     create_replica,
@@ -60,8 +60,8 @@ from pipeline.replica import (
     run_step,
     save_replica_checkpoint,
 )
-from pipeline.run_lock import run_lock
-from pipeline.store import store_layout
+from dasktrain.run_lock import run_lock
+from dasktrain.store import store_layout
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def train(
     progress display). Raises :class:`DasktrainError` subclasses for every user-fixable problem.
     """
     if config.parallel.pipeline > 1:
-        from pipeline.pipeline_driver import train_pipeline  # imports this module: import late
+        from dasktrain.pipeline_driver import train_pipeline  # imports this module: import late
 
         return train_pipeline(config, client=client, resume=resume, until_epoch=until_epoch, on_event=on_event)
     splits = resolve_splits(config)
@@ -123,7 +123,7 @@ def client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
     if client is not None:
         yield client
         return
-    from cluster import open_cluster  # the cluster package depends on pipeline, not the reverse
+    from dasktrain.cluster import open_cluster  # the cluster package depends on pipeline, not the reverse
 
     with open_cluster(config.cluster) as started:
         yield started
@@ -131,7 +131,7 @@ def client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
 
 def data_layout(config: RunConfig) -> dict[str, Any]:
     """The layout of every store the trajectory depends on, by config key; recorded in each
-    checkpoint's ``state.json`` and checked by ``--resume`` (:func:`pipeline.checkpoint.check_data_layout`)."""
+    checkpoint's ``state.json`` and checked by ``--resume`` (:func:`dasktrain.checkpoint.check_data_layout`)."""
     layouts = {"data.store": store_layout(config.data.store)}
     validation = config.data.validation
     if validation is not None and validation.store is not None:

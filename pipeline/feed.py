@@ -6,7 +6,7 @@ window is already being assembled, so reading and decompression stay off the cri
 Windows behind the stream position are dropped.
 
 Without a cache a window's chunks are read from the store every epoch. With a
-:class:`~pipeline.cache.ChunkCache` (``data.cache``) each chunk is read once and then taken from
+:class:`~dasktrain.cache.ChunkCache` (``data.cache``) each chunk is read once and then taken from
 the cache; chunks the cache holds on the GPU are concatenated and shuffled there with torch, so
 batches come out as device tensors and a cached epoch's samples never pass through the host.
 Batches are therefore numpy arrays or torch tensors; :func:`join_batches` takes either.
@@ -21,11 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from pipeline.cache import ChunkCache
-from pipeline.config import DataConfig
-from pipeline.normalize import Normalization, read_normalization
-from pipeline.plan import SamplingPlan
-from pipeline.store import Chunk, ChunkReader, DatasetInfo
+from dasktrain.cache import ChunkCache
+from dasktrain.config import DataConfig
+from dasktrain.normalize import Normalization, read_normalization
+from dasktrain.plan import SamplingPlan
+from dasktrain.store import Chunk, ChunkReader, DatasetInfo
 
 WindowKey = tuple[int, int, int]  # (epoch, shard, window)
 Array = np.ndarray | torch.Tensor

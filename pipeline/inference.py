@@ -26,17 +26,17 @@ from safetensors.torch import load_file
 from torch import nn
 from zarr.codecs import ZstdCodec
 
-from pipeline.checkpoint import CHECKPOINTS, latest_checkpoint
-from pipeline.config import RunConfig
-from pipeline.errors import CheckpointError, DataError
-from pipeline.feed import open_reader
-from pipeline.metrics import METRICS_FILE
-from pipeline.models import build_model
-from pipeline.normalize import read_normalization
-from pipeline.objective import correct_count, loss_sum, prepare_batch
-from pipeline.preflight import resolve_splits
-from pipeline.run_lock import locks_run_dir_of
-from pipeline.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
+from dasktrain.checkpoint import CHECKPOINTS, latest_checkpoint
+from dasktrain.config import RunConfig
+from dasktrain.errors import CheckpointError, DataError
+from dasktrain.feed import open_reader
+from dasktrain.metrics import METRICS_FILE
+from dasktrain.models import build_model
+from dasktrain.normalize import read_normalization
+from dasktrain.objective import correct_count, loss_sum, prepare_batch
+from dasktrain.preflight import resolve_splits
+from dasktrain.run_lock import locks_run_dir_of
+from dasktrain.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
 
 PREDICTIONS = "predictions"
 LABELS = "labels"

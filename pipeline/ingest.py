@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline.errors import DataError
-from pipeline.store import ATTRS_KEY, replace_store
+from dasktrain.errors import DataError
+from dasktrain.store import ATTRS_KEY, replace_store
 
 EXAMPLES = ("digits",)
 

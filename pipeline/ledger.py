@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.metrics import read_metrics
+from dasktrain.metrics import read_metrics
 
 LEDGER_DIR = "ledger"
 

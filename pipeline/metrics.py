@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
+from dasktrain.errors import DataError
 
 METRICS_FILE = "metrics.jsonl"
 

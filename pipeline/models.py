@@ -2,20 +2,21 @@
 
 Both built-ins are ``nn.Sequential``, so the pipeline-parallel path can cut them into stages.
 Their optional dropout (MLP) and BatchNorm (CNN) layers follow the data-parallel policies of
-:mod:`pipeline.streams` (random streams keyed by shard, not worker) and
-:mod:`pipeline.running_stats` (running statistics reduced with the gradients).
+:mod:`dasktrain.streams` (random streams keyed by shard, not worker) and
+:mod:`dasktrain.running_stats` (running statistics reduced with the gradients).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
-from pipeline.config import ModelConfig
-from pipeline.errors import ConfigError
+from dasktrain.config import ModelConfig
+from dasktrain.errors import ConfigError
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
@@ -77,6 +78,10 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
     try:
         target: object = importlib.import_module(module_name)
     except ImportError as exc:
+        renamed = _renamed(module_name)
+        if renamed is not None:
+            raise ConfigError(f"model.factory {path!r}: dasktrain's modules are installed as dasktrain.*; "
+                              f"write {renamed}:{attr}") from None
         raise ConfigError(f"model.factory {path!r}: cannot import module {module_name!r}: {exc}") from None
     for part in attr.split("."):
         try:
@@ -86,6 +91,19 @@ def resolve_factory(path: str) -> Callable[..., nn.Module]:
     if not callable(target):
         raise ConfigError(f"model.factory {path!r} is not callable")
     return target
+
+
+def _renamed(module_name: str) -> str | None:
+    """The current name of a module that older configs spelled with the folder names
+    (``pipeline.models`` is ``dasktrain.models``), when such a module exists."""
+    head, _, rest = module_name.partition(".")
+    if head not in ("pipeline", "flows", "cluster") or not rest:
+        return None
+    new = f"dasktrain.{rest}" if head == "pipeline" else f"dasktrain.{head}.{rest}"
+    try:
+        return new if importlib.util.find_spec(new) is not None else None
+    except ImportError:
+        return None
 
 
 def build_model(config: ModelConfig, seed: int) -> nn.Module:

@@ -18,8 +18,8 @@ import numpy as np
 import zarr
 from distributed import Client
 
-from pipeline.errors import DataError
-from pipeline.store import ATTRS_KEY, Chunk
+from dasktrain.errors import DataError
+from dasktrain.store import ATTRS_KEY, Chunk
 
 NORMALIZATION_KEY = "normalization"
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import OptimizerConfig, RunConfig, ScheduleConfig
+from dasktrain.config import OptimizerConfig, RunConfig, ScheduleConfig
 
 
 def loss_sum(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

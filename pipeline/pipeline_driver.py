@@ -1,13 +1,13 @@
 """The pipeline-parallel driver: stages as worker-pinned actors, one call per stage per step.
 
-``train_pipeline`` is what :func:`pipeline.driver.train` runs when ``parallel.pipeline > 1``;
+``train_pipeline`` is what :func:`dasktrain.driver.train` runs when ``parallel.pipeline > 1``;
 it takes the same arguments, returns the same :class:`RunResult` and emits the same event kinds.
 
 The driver places R x P stage actors (replica ``r``'s stage ``s`` on worker ``r * P + s``),
 wires each to its neighbours and its peers in the other replicas, then, every step, calls
 ``run_step(t)`` on all of them at once and waits for their small stats. Activations, their
 gradients and the replicas' gradient sums move between the actors (see
-:mod:`pipeline.stage_actor`); the driver sends step numbers and receives numbers.
+:mod:`dasktrain.stage_actor`); the driver sends step numbers and receives numbers.
 
 Checkpoints: at a checkpoint step, replica 0's stages write their parts into a temporary
 directory, the driver adds ``state.json`` (the manifest: step, config digest, the stage bounds)
@@ -34,16 +34,16 @@ from typing import Any
 
 from distributed import Client
 
-from pipeline.checkpoint import CHECKPOINTS, DATA_LAYOUT, fsync_dir, latest_checkpoint, list_checkpoints, save_model
-from pipeline.config import RunConfig
-from pipeline.errors import CheckpointError, ClusterError, ConfigError, DasktrainError
-from pipeline.metrics import MetricsLog
-from pipeline.objective import lr_at
-from pipeline.plan import SamplingPlan
-from pipeline.preflight import DataSplits, build_plan, check_model_fits, resolve_splits
-from pipeline.run_lock import run_lock
-from pipeline.stage_actor import PipelineStage, StageAborted, StageSpec
-from pipeline.stages import StageLayout, plan_stages
+from dasktrain.checkpoint import CHECKPOINTS, DATA_LAYOUT, fsync_dir, latest_checkpoint, list_checkpoints, save_model
+from dasktrain.config import RunConfig
+from dasktrain.errors import CheckpointError, ClusterError, ConfigError, DasktrainError
+from dasktrain.metrics import MetricsLog
+from dasktrain.objective import lr_at
+from dasktrain.plan import SamplingPlan
+from dasktrain.preflight import DataSplits, build_plan, check_model_fits, resolve_splits
+from dasktrain.run_lock import run_lock
+from dasktrain.stage_actor import PipelineStage, StageAborted, StageSpec
+from dasktrain.stages import StageLayout, plan_stages
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def train_pipeline(
     until_epoch: int | None = None,
     on_event: Callable[[Event], None] | None = None,
 ) -> Any:
-    """Pipeline-parallel training of ``config``; see :func:`pipeline.driver.train` for the arguments."""
-    from pipeline.driver import client_for, run_span  # driver dispatches here: import late
+    """Pipeline-parallel training of ``config``; see :func:`dasktrain.driver.train` for the arguments."""
+    from dasktrain.driver import client_for, run_span  # driver dispatches here: import late
 
     splits = resolve_splits(config)
     plan = build_plan(config, splits)
@@ -145,14 +145,14 @@ class _PipelineSession:
         self.futures: list[Any] = []
         self.generation = 0
         self.recoveries = 0
-        from pipeline.driver import data_layout  # driver dispatches here: import late
+        from dasktrain.driver import data_layout  # driver dispatches here: import late
 
         self.data_layout = data_layout(config)  # recorded in every checkpoint
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> Any:
-        from pipeline.driver import MODEL_FILE, SUMMARY_FILE, RunResult
+        from dasktrain.driver import MODEL_FILE, SUMMARY_FILE, RunResult
 
         metrics = MetricsLog(self.run_dir, resume_step=self.start_step if self.start_step else None)
         try:

@@ -30,8 +30,8 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from pipeline.errors import PlanError
-from pipeline.store import Chunk
+from dasktrain.errors import PlanError
+from dasktrain.store import Chunk
 
 
 @dataclass(frozen=True)

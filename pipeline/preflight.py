@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import RunConfig
-from pipeline.errors import ClusterError, ShapeMismatchError
-from pipeline.models import build_model
-from pipeline.plan import SamplingPlan, split_validation
-from pipeline.store import Chunk, DatasetInfo, open_dataset
+from dasktrain.config import RunConfig
+from dasktrain.errors import ClusterError, ShapeMismatchError
+from dasktrain.models import build_model
+from dasktrain.plan import SamplingPlan, split_validation
+from dasktrain.store import Chunk, DatasetInfo, open_dataset
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ from typing import Any
 
 from distributed import Client
 
-from pipeline import ingest
-from pipeline.config import DataConfig, RunConfig
-from pipeline.errors import ConfigError, DataError
-from pipeline.normalize import compute_normalization
-from pipeline.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
+from dasktrain import ingest
+from dasktrain.config import DataConfig, RunConfig
+from dasktrain.errors import ConfigError, DataError
+from dasktrain.normalize import compute_normalization
+from dasktrain.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
 
 
 def ensure_store(data: DataConfig) -> bool:

@@ -28,24 +28,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.cache import ChunkCache
-from pipeline.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.config import RunConfig
-from pipeline.device import Placement
-from pipeline.errors import DasktrainError, NonFiniteLossError
-from pipeline.feed import Batch, ShardFeed, join_batches, open_reader
-from pipeline.ledger import append_entry
-from pipeline.models import build_model
-from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
-from pipeline.preflight import plan_for
-from pipeline.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
-from pipeline.running_stats import RunningStats
-from pipeline.store import Chunk, DatasetInfo
-from pipeline.streams import needs_per_shard_forward, seed_unit
+from dasktrain.allocator import keep_freed_memory
+from dasktrain.cache import ChunkCache
+from dasktrain.checkpoint import load_checkpoint, save_checkpoint
+from dasktrain.config import RunConfig
+from dasktrain.device import Placement
+from dasktrain.errors import DasktrainError, NonFiniteLossError
+from dasktrain.feed import Batch, ShardFeed, join_batches, open_reader
+from dasktrain.ledger import append_entry
+from dasktrain.models import build_model
+from dasktrain.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
+from dasktrain.preflight import plan_for
+from dasktrain.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
+from dasktrain.running_stats import RunningStats
+from dasktrain.store import Chunk, DatasetInfo
+from dasktrain.streams import needs_per_shard_forward, seed_unit
 
 if TYPE_CHECKING:
-    from pipeline.collective import CollectiveGroup
+    from dasktrain.collective import CollectiveGroup
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class Replica:
         the tree node each one is (one node in fast mode, the worker's cover in deterministic mode).
 
         Each buffer holds the gradient sum, then the running-statistics update
-        (:mod:`pipeline.running_stats`)."""
+        (:mod:`dasktrain.running_stats`)."""
         cfg = self.spec.config
         epoch, k = self.plan.locate(t)
         batches = self.feed.step_batches(epoch, k)

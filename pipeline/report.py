@@ -9,8 +9,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError
-from pipeline.metrics import METRICS_FILE, read_metrics
+from dasktrain.errors import DataError
+from dasktrain.metrics import METRICS_FILE, read_metrics
 
 CURVES_FILE = "curves.png"
 EVALUATION_FILE = "evaluation.json"

@@ -54,7 +54,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
-from pipeline.errors import CheckpointError
+from dasktrain.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 

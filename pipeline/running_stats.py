@@ -4,7 +4,7 @@ A single process updates a BatchNorm layer's running statistics once per forward
 each see only their shards, so left alone every replica would hold different statistics, and
 which ones a checkpoint saves would depend on the worker count. The policy here:
 
-- every forward unit (one shard's micro-batch, see :mod:`pipeline.streams`) starts from the
+- every forward unit (one shard's micro-batch, see :mod:`dasktrain.streams`) starts from the
   statistics the step started with, and contributes ``n * (after - before)``, its update
   weighted by its sample count ``n``;
 - those contributions ride at the end of the flat gradient buffer, so the reduction tree (or the

@@ -42,18 +42,18 @@ import zarr
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
-from pipeline.allocator import keep_freed_memory
-from pipeline.checkpoint import join_optimizer_state, split_optimizer_state, write_file_atomic
-from pipeline.config import RunConfig
-from pipeline.errors import CheckpointError, ClusterError, DasktrainError, DataError, NonFiniteLossError
-from pipeline.normalize import Normalization, read_normalization
-from pipeline.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
-from pipeline.plan import SamplingPlan
-from pipeline.preflight import plan_for
-from pipeline.reduce import sum_in_order
-from pipeline.stages import build_layers, full_key, local_key, stage_module
-from pipeline.store import Chunk, DatasetInfo
-from pipeline.streams import seed_unit
+from dasktrain.allocator import keep_freed_memory
+from dasktrain.checkpoint import join_optimizer_state, split_optimizer_state, write_file_atomic
+from dasktrain.config import RunConfig
+from dasktrain.errors import CheckpointError, ClusterError, DasktrainError, DataError, NonFiniteLossError
+from dasktrain.normalize import Normalization, read_normalization
+from dasktrain.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
+from dasktrain.plan import SamplingPlan
+from dasktrain.preflight import plan_for
+from dasktrain.reduce import sum_in_order
+from dasktrain.stages import build_layers, full_key, local_key, stage_module
+from dasktrain.store import Chunk, DatasetInfo
+from dasktrain.streams import seed_unit
 
 log = logging.getLogger(__name__)
 

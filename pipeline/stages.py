@@ -21,9 +21,9 @@ from functools import cache
 import torch
 from torch import nn
 
-from pipeline.config import RunConfig
-from pipeline.errors import ConfigError
-from pipeline.models import resolve_factory
+from dasktrain.config import RunConfig
+from dasktrain.errors import ConfigError
+from dasktrain.models import resolve_factory
 
 Bounds = tuple[tuple[int, int], ...]
 
@@ -47,7 +47,7 @@ def build_layers(config: RunConfig, device: str | None = None) -> tuple[list[nn.
     """The model's layers, with initial weights drawn from the seed: identical in every process.
 
     Returns ``(layers, named)``: ``named`` is true when the factory returned a list of stage
-    modules. Same seeding as :func:`pipeline.models.build_model`, so an ``nn.Sequential`` here
+    modules. Same seeding as :func:`dasktrain.models.build_model`, so an ``nn.Sequential`` here
     has exactly the weights the data-parallel path and the reference loop start from.
     """
     model_cfg = config.model

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from pipeline.errors import DataError
+from dasktrain.errors import DataError
 
 ATTRS_KEY = "dasktrain"
 

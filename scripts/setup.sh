@@ -20,5 +20,5 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing dasktrain and its dependencies into $VENV"
 "${pip[@]}" install -e ".[test,jobqueue,dashboard]" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import pipeline, torch, dask, distributed, zarr, prefect" \
+"$VENV/bin/python" -c "import dasktrain, torch, dask, distributed, zarr, prefect" \
   || { echo "setup: the environment in $VENV is incomplete" >&2; exit 1; }

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 source .venv/bin/activate
 ruff check pipeline cluster flows tests benchmarks
-mypy
+bash scripts/typecheck.sh
 
 prefect_dir=$(mktemp -d)
 stop_services() {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ingest import example_arrays, write_store
+from dasktrain.ingest import example_arrays, write_store
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.models import mlp
+from dasktrain.models import mlp
 
 _CALLS: dict[str, int] = {}
 

@@ -11,16 +11,16 @@ import numpy as np
 from distributed import Client, LocalCluster
 from safetensors.torch import load_file
 
-from pipeline.config import RunConfig, validate_config
-from pipeline.ingest import write_store
-from pipeline.preflight import build_plan, resolve_splits
+from dasktrain.config import RunConfig, validate_config
+from dasktrain.ingest import write_store
+from dasktrain.preflight import build_plan, resolve_splits
 
 
 def run_config(store: Path | str, out: Path | str, **sections: dict[str, Any]) -> RunConfig:
     """A small MLP config on ``store``; ``sections`` update the defaults section by section."""
     raw: dict[str, Any] = {
         "data": {"store": str(store)},
-        "model": {"factory": "pipeline.models:mlp",
+        "model": {"factory": "dasktrain.models:mlp",
                   "kwargs": {"in_features": 64, "out_features": 10, "hidden": [32]}},
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "train": {"epochs": 2, "batch_size": 50, "shards": 6, "seed": 3},

@@ -27,7 +27,7 @@ _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 def mlp(in_features: int, out_features: int, hidden: Sequence[int] = (128,), activation: str = "relu",
         dropout: float = 0.0, batch_norm: bool = False) -> nn.Sequential:
-    """``pipeline.models:mlp`` rebuilt: Flatten, then per hidden width Linear, (BatchNorm1d),
+    """``dasktrain.models:mlp`` rebuilt: Flatten, then per hidden width Linear, (BatchNorm1d),
     activation, then Linear."""
     if dropout:
         # Dropout masks in a run are drawn per (seed, step, shard); this loop cannot replay them.
@@ -45,7 +45,7 @@ def mlp(in_features: int, out_features: int, hidden: Sequence[int] = (128,), act
 
 def cnn(in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
         channels: Sequence[int] = (64, 64, 128, 128), hidden: int = 256, batch_norm: bool = False) -> nn.Sequential:
-    """``pipeline.models:cnn`` rebuilt: 3x3 convolutions (bias-free, then BatchNorm2d, with
+    """``dasktrain.models:cnn`` rebuilt: 3x3 convolutions (bias-free, then BatchNorm2d, with
     ``batch_norm``) with ReLU, a 2x2 max-pool after every second one, then Flatten, Linear, ReLU, Linear."""
     widths = [in_channels, *channels]
     layers: list[nn.Module] = []
@@ -62,21 +62,21 @@ def cnn(in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
     return nn.Sequential(*layers)
 
 
-BUILT_INS = {"pipeline.models:mlp": mlp, "pipeline.models:cnn": cnn}
+BUILT_INS = {"dasktrain.models:mlp": mlp, "dasktrain.models:cnn": cnn}
 
 
 def build_model(factory: str, kwargs: Mapping[str, Any], seed: int) -> nn.Module:
     """The model a config names, its initial weights drawn right after ``torch.manual_seed(seed)``.
 
     Built-ins are the rebuilds above; any other ``module:callable`` (a test helper) is imported
-    directly, which must not be a ``pipeline`` module.
+    directly, which must not be a ``dasktrain`` module.
     """
     make: Any
     if factory in BUILT_INS:
         make = BUILT_INS[factory]
     else:
         module_name, _, attr = factory.partition(":")
-        if module_name.split(".")[0] == "pipeline":
+        if module_name.split(".")[0] == "dasktrain":
             raise NotImplementedError(f"no independent rebuild of {factory}")
         make = importlib.import_module(module_name)
         for part in attr.split("."):

@@ -17,14 +17,14 @@ import pytest
 import torch
 import zarr
 
-from pipeline.cache import ChunkCache
-from pipeline.device import Placement
-from pipeline.driver import train
-from pipeline.feed import Batch, ShardFeed, join_batches
-from pipeline.metrics import read_metrics
-from pipeline.plan import SamplingPlan
-from pipeline.preflight import build_plan, resolve_splits
-from pipeline.store import Chunk, ChunkReader, DatasetInfo, open_dataset
+from dasktrain.cache import ChunkCache
+from dasktrain.device import Placement
+from dasktrain.driver import train
+from dasktrain.feed import Batch, ShardFeed, join_batches
+from dasktrain.metrics import read_metrics
+from dasktrain.plan import SamplingPlan
+from dasktrain.preflight import build_plan, resolve_splits
+from dasktrain.store import Chunk, ChunkReader, DatasetInfo, open_dataset
 from tests.helpers import local_client, plan_batches, run_config, saved_weights, synthetic_store
 from tests.reference import max_relative_error, reference_weights
 

@@ -12,12 +12,12 @@ import time
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from dasktrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 WRITER = textwrap.dedent("""
     import sys, torch
     from pathlib import Path
-    from pipeline.checkpoint import save_checkpoint, latest_checkpoint, load_checkpoint
+    from dasktrain.checkpoint import save_checkpoint, latest_checkpoint, load_checkpoint
     run = Path(sys.argv[1])
     newest = latest_checkpoint(run)
     step = load_checkpoint(newest).step + 1 if newest else 1

@@ -20,13 +20,13 @@ import zarr
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from pipeline.config import load_config
-from pipeline.ingest import example_arrays, store_summary, write_store
-from pipeline.metrics import read_metrics
-from pipeline.models import build_model
-from pipeline.plan import SamplingPlan
-from pipeline.store import open_dataset
+from dasktrain.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from dasktrain.config import load_config
+from dasktrain.ingest import example_arrays, store_summary, write_store
+from dasktrain.metrics import read_metrics
+from dasktrain.models import build_model
+from dasktrain.plan import SamplingPlan
+from dasktrain.store import open_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "examples" / "digits.yaml"
@@ -35,11 +35,11 @@ SMALL = ("--set", "cluster.workers=1", "--set", "cluster.dashboard=false", "--se
 
 
 def dasktrain(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the CLI as ``python -m pipeline.cli`` from the repository root."""
+    """Run the CLI as ``python -m dasktrain.cli`` from the repository root."""
     env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "COLUMNS")}
     env["NO_COLOR"] = "1"
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        [sys.executable, "-m", "dasktrain.cli", *map(str, args)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
@@ -297,11 +297,11 @@ def test_run_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Pat
 def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--set, --resume and --until-epoch reach train(); every event kind is drawn; a stopped
     run's summary says how to go on."""
-    import flows.training
-    import pipeline.prepare
-    from pipeline.cli import app
-    from pipeline.driver import RunResult
-    from pipeline.metrics import MetricsLog
+    import dasktrain.flows.training
+    import dasktrain.prepare
+    from dasktrain.cli import app
+    from dasktrain.driver import RunResult
+    from dasktrain.metrics import MetricsLog
 
     calls = []
 
@@ -331,8 +331,8 @@ def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pyt
         return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
                 "epochs": result.epochs}
 
-    monkeypatch.setattr(flows.training, "run_training", fake_run_training)
-    monkeypatch.setattr(pipeline.prepare, "preflight", lambda config: None)  # no data/digits.zarr here
+    monkeypatch.setattr(dasktrain.flows.training, "run_training", fake_run_training)
+    monkeypatch.setattr(dasktrain.prepare, "preflight", lambda config: None)  # no data/digits.zarr here
     # The app sets up logging and the workers' environment for its process: keep them to this test.
     monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     monkeypatch.setattr(logging.root, "level", logging.root.level)

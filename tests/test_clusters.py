@@ -24,11 +24,11 @@ import yaml
 from distributed import Client, Security
 from distributed.comm import connect
 
-from cluster import open_cluster
-from pipeline.config import ClusterConfig, validate_config
-from pipeline.driver import train
-from pipeline.errors import ClusterError, ConfigError
-from pipeline.ingest import example_arrays, write_store
+from dasktrain.cluster import open_cluster
+from dasktrain.config import ClusterConfig, validate_config
+from dasktrain.driver import train
+from dasktrain.errors import ClusterError, ConfigError
+from dasktrain.ingest import example_arrays, write_store
 from tests.helpers import run_config
 from tests.processes import dask_processes
 
@@ -217,7 +217,7 @@ def test_unknown_kind_names_the_spec_file_and_field(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_inline_keys_override_the_spec_file_and_set_overrides_work(tmp_path: Path) -> None:
-    from pipeline.config import load_config
+    from dasktrain.config import load_config
 
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump({"data": {"store": "x"}, "model": {"factory": "m:f"},
@@ -245,7 +245,7 @@ def test_jobqueue_option_the_class_rejects(tmp_path: Path, jobqueue: dict[str, A
 
 @pytest.mark.timeout(30)
 def test_local_cuda_without_a_gpu_is_one_sentence(tmp_path: Path) -> None:
-    from cluster import visible_gpus
+    from dasktrain.cluster import visible_gpus
 
     if visible_gpus():
         pytest.skip("this machine has a GPU")
@@ -260,9 +260,9 @@ def test_local_cuda_without_a_gpu_is_one_sentence(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(30)
 def test_local_cuda_without_dask_cuda_is_one_sentence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cluster.specs
+    import dasktrain.cluster.specs
 
-    monkeypatch.setattr(cluster.specs, "visible_gpus", lambda: 1)
+    monkeypatch.setattr(dasktrain.cluster.specs, "visible_gpus", lambda: 1)
     monkeypatch.setitem(sys.modules, "dask_cuda", None)  # importing it now fails, as where it is missing
     path = spec_file(tmp_path, "gpu.yaml", {"kind": "local-cuda"})
     with pytest.raises(ClusterError, match=r"gpu\.yaml: cluster\.kind 'local-cuda' needs dask-cuda, which cannot "

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from pipeline.config import load_config
-from pipeline.driver import train
-from pipeline.ingest import example_arrays, write_store
-from pipeline.metrics import read_metrics
+from dasktrain.config import load_config
+from dasktrain.driver import train
+from dasktrain.ingest import example_arrays, write_store
+from dasktrain.metrics import read_metrics
 from tests.helpers import local_client, plan_batches, plan_shard_batches, run_config, saved_weights
 from tests.reference import build_model, max_relative_error, reference_weights
 
@@ -51,7 +51,7 @@ def stores(tmp_path_factory):
 VARIANTS = {
     "adam": {"optimizer": {"name": "adam", "lr": 0.003, "betas": [0.8, 0.99], "eps": 1e-7, "weight_decay": 1e-3}},
     "sgd-nesterov": {"optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True}},
-    "mse": {"loss": "mse", "model": {"factory": "pipeline.models:mlp", "kwargs": {
+    "mse": {"loss": "mse", "model": {"factory": "dasktrain.models:mlp", "kwargs": {
         "in_features": 8, "out_features": 3, "hidden": [16], "activation": "tanh"}}},
 }
 

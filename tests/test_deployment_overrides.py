@@ -43,7 +43,7 @@ def test_flow_runs_of_a_deployment_override_data_keys_only(digits_store: Path, t
     # process of its own: Prefect's background workers (events, logs) stay bound to the server of
     # the first flow run of a process, and the other test modules run flows on their own servers.
     direct = subprocess.run(
-        [sys.executable, "-c", "import sys; from flows.training import training_flow; "
+        [sys.executable, "-c", "import sys; from dasktrain.flows.training import training_flow; "
          "training_flow(sys.argv[1], overrides=sys.argv[2:], return_state=True)", str(config), *payload],
         cwd=ROOT, env={**os.environ, "PREFECT_API_URL": API_URL}, capture_output=True, text=True, timeout=120)
     assert marker.exists(), direct.stdout[-3000:] + direct.stderr[-3000:]
@@ -53,7 +53,7 @@ def test_flow_runs_of_a_deployment_override_data_keys_only(digits_store: Path, t
     env = {**os.environ, "PREFECT_API_URL": API_URL, "PREFECT_RUNNER_POLL_FREQUENCY": "1", "NO_COLOR": "1"}
     log = open(tmp_path / "serve.log", "w")
     owner = "model.kwargs={in_features: 64, out_features: 10, hidden: [16]}"  # the owner may name code
-    serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "deploy", str(config), "--cron", "0 0 1 1 *",
+    serve = subprocess.Popen([sys.executable, "-m", "dasktrain.cli", "deploy", str(config), "--cron", "0 0 1 1 *",
                               "--name", name, "--set", owner], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deployment_id = None
     try:

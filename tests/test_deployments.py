@@ -66,7 +66,7 @@ def test_served_deployment_runs_on_schedule(digits_store: Path, tmp_path: Path) 
     name = f"test-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PREFECT_API_URL": API_URL, "PREFECT_RUNNER_POLL_FREQUENCY": "2", "NO_COLOR": "1"}
     log = open(tmp_path / "serve.log", "w")
-    serve = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "deploy", str(config), "--interval", "5", "--name", name],
+    serve = subprocess.Popen([sys.executable, "-m", "dasktrain.cli", "deploy", str(config), "--interval", "5", "--name", name],
                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deployment_id = None
     try:

@@ -12,8 +12,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint
-from pipeline.driver import train
+from dasktrain.checkpoint import latest_checkpoint
+from dasktrain.driver import train
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(300)
@@ -51,7 +51,7 @@ def test_driver_killed_then_resumed_is_bitwise_equal(digits_store, tmp_path):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(config.to_yaml())
     run_dir = tmp_path / "run"
-    cli = [sys.executable, "-m", "pipeline.cli", "run", str(config_file)]
+    cli = [sys.executable, "-m", "dasktrain.cli", "run", str(config_file)]
 
     proc = psutil.Popen(cli, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

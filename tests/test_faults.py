@@ -10,13 +10,13 @@ import pytest
 import torch
 import zarr
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint
-from pipeline.driver import train
-from pipeline.errors import DataError, NonFiniteLossError
-from pipeline.ingest import example_arrays, write_store
-from pipeline.ledger import check_exactly_once
-from pipeline.metrics import read_metrics
-from pipeline.preflight import build_plan, resolve_splits
+from dasktrain.checkpoint import latest_checkpoint, load_checkpoint
+from dasktrain.driver import train
+from dasktrain.errors import DataError, NonFiniteLossError
+from dasktrain.ingest import example_arrays, write_store
+from dasktrain.ledger import check_exactly_once
+from dasktrain.metrics import read_metrics
+from dasktrain.preflight import build_plan, resolve_splits
 from tests.helpers import local_client, plan_batches, run_config, saved_weights
 from tests.reference import max_relative_error, reference_weights
 
@@ -28,7 +28,7 @@ def store(tmp_path_factory):
     return write_store(tmp_path_factory.mktemp("data") / "digits.zarr", example_arrays("digits"), chunk_size=64)
 
 
-STOCHASTIC_MLP = {"factory": "pipeline.models:mlp", "kwargs": {
+STOCHASTIC_MLP = {"factory": "dasktrain.models:mlp", "kwargs": {
     "in_features": 64, "out_features": 10, "hidden": [32], "dropout": 0.2, "batch_norm": True}}
 """Dropout and BatchNorm: the deterministic fault tests hold masks and running statistics bitwise too."""
 
@@ -117,7 +117,7 @@ def test_deterministic_bitwise_after_kill_and_after_join(store, tmp_path):
     check_exactly_once(tmp_path / "joined", training_samples(config), epochs=2)
 
 
-BATCHNORM_CNN = {"factory": "pipeline.models:cnn", "kwargs": {
+BATCHNORM_CNN = {"factory": "dasktrain.models:cnn", "kwargs": {
     "in_channels": 1, "num_classes": 10, "image_size": 8, "channels": [8, 16], "hidden": 32, "batch_norm": True}}
 
 

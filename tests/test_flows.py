@@ -21,13 +21,13 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from flows import PrefectAPIError
-from flows.training import run_training, training_flow
-from pipeline import driver
-from pipeline.errors import ConfigError, ShapeMismatchError
-from pipeline.ingest import example_arrays, write_store
-from pipeline.preflight import resolve_splits
-from pipeline.store import ATTRS_KEY
+from dasktrain import driver
+from dasktrain.errors import ConfigError, ShapeMismatchError
+from dasktrain.flows import PrefectAPIError
+from dasktrain.flows.training import run_training, training_flow
+from dasktrain.ingest import example_arrays, write_store
+from dasktrain.preflight import resolve_splits
+from dasktrain.store import ATTRS_KEY
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(180)
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def dasktrain(*args: object, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """The CLI as a subprocess from the repository root, colours off."""
     env = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "dasktrain.cli", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=150)
 
 
@@ -188,7 +188,7 @@ def test_label_out_of_range_fails_once_not_retried(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("update", "error", "fragment"),
     [
-        ({"model": {"factory": "pipeline.models:mlp", "kwargs": {"in_features": 65, "out_features": 10}}},
+        ({"model": {"factory": "dasktrain.models:mlp", "kwargs": {"in_features": 65, "out_features": 10}}},
          ShapeMismatchError, "(64,)"),
         ({"train": {"bogus": 1}}, ConfigError, "unknown key 'train.bogus'"),
     ],

@@ -16,8 +16,8 @@ import time
 import pytest
 import torch
 
-from pipeline.driver import train
-from pipeline.ledger import check_exactly_once
+from dasktrain.driver import train
+from dasktrain.ledger import check_exactly_once
 from tests.helpers import local_client, run_config, saved_weights
 from tests.reference import max_relative_error
 from tests.test_faults import regroups, training_samples

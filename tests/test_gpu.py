@@ -1,4 +1,4 @@
-"""GPU placement and mixed precision (``pipeline.device``), and training on ``local-cuda``.
+"""GPU placement and mixed precision (``dasktrain.device``), and training on ``local-cuda``.
 
 Tests marked ``gpu`` need a CUDA GPU and skip cleanly without one; ``benchmarks/gpu_check.py``
 runs them on a GPU machine. The CPU tests below check the same bf16 logic where there is no GPU.
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.device import Placement, worker_device
-from pipeline.ingest import example_arrays, write_store
+from dasktrain.device import Placement, worker_device
+from dasktrain.ingest import example_arrays, write_store
 from tests.helpers import run_config
 
 has_cuda = torch.cuda.is_available()
@@ -100,8 +100,8 @@ def _gpu_workers() -> int:
 @pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
 def test_local_cuda_trains_with_one_worker_per_gpu(digits: Path, tmp_path: Path) -> None:
     pytest.importorskip("dask_cuda", reason="local-cuda needs dask-cuda")
-    from cluster import open_cluster
-    from pipeline.driver import train
+    from dasktrain.cluster import open_cluster
+    from dasktrain.driver import train
 
     n = _gpu_workers()
     config = run_config(digits, tmp_path / "run", train={"epochs": 2, "batch_size": 100, "shards": 4, "seed": 3},
@@ -123,11 +123,11 @@ def test_local_cuda_trains_with_one_worker_per_gpu(digits: Path, tmp_path: Path)
 @pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
 def test_bf16_training_on_local_cuda(digits: Path, tmp_path: Path) -> None:
     pytest.importorskip("dask_cuda", reason="local-cuda needs dask-cuda")
-    from pipeline.config import TrainConfig
-    from pipeline.driver import train
+    from dasktrain.config import TrainConfig
+    from dasktrain.driver import train
 
     if "precision" not in TrainConfig.model_fields:
-        pytest.skip("train.precision is not in TrainConfig yet (pipeline.device is not wired into the replica)")
+        pytest.skip("train.precision is not in TrainConfig yet (dasktrain.device is not wired into the replica)")
     config = run_config(digits, tmp_path / "run",
                         train={"epochs": 2, "batch_size": 100, "shards": 4, "seed": 3, "precision": "bf16"},
                         cluster={"kind": "local-cuda", "workers": _gpu_workers(), "dashboard": False})

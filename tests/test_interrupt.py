@@ -21,8 +21,8 @@ import psutil
 import pytest
 import torch
 
-from pipeline.config import load_config
-from pipeline.driver import train
+from dasktrain.config import load_config
+from dasktrain.driver import train
 from tests.helpers import local_client, saved_weights
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,6 +1,6 @@
 """Nothing a local run opens listens beyond loopback.
 
-During a run on a local cluster that dasktrain starts itself (``cluster.open_cluster``), every
+During a run on a local cluster that dasktrain starts itself (``dasktrain.cluster.open_cluster``), every
 LISTEN socket of this process (the client, the scheduler and its HTTP server) and of every
 process below it (nannies, workers, their HTTP servers, the TCPStore and gloo of ``reduce:
 collective``) must be bound to 127.0.0.1 or ::1: by default, without a dashboard, with TLS, and
@@ -18,9 +18,9 @@ from typing import Any
 import psutil
 import pytest
 
-from cluster import open_cluster
-from pipeline.driver import train
-from pipeline.errors import ConfigError
+from dasktrain.cluster import open_cluster
+from dasktrain.driver import train
+from dasktrain.errors import ConfigError
 from tests.helpers import run_config
 
 Socket = tuple[int, str, int]

@@ -32,7 +32,7 @@ DASKTRAIN = Path(sys.executable).parent / "dasktrain"
 SAMPLES, FEATURES, CLASSES, CHUNK = 300, 8, 3, 25  # 12 chunks
 EPOCHS = 5  # one full-batch step per epoch
 PEAK, MOMENTUM, WARMUP, MIN_LR = 0.2, 0.9, 2, 0.01
-FACTORY, KWARGS = "pipeline.models:mlp", {"in_features": FEATURES, "out_features": CLASSES, "hidden": [16]}
+FACTORY, KWARGS = "dasktrain.models:mlp", {"in_features": FEATURES, "out_features": CLASSES, "hidden": [16]}
 SEED = 5
 
 

@@ -15,18 +15,18 @@ import pytest
 import torch
 from distributed import Client
 
-from pipeline.checkpoint import latest_checkpoint, list_checkpoints
-from pipeline.driver import train
-from pipeline.errors import ClusterError, ConfigError
-from pipeline.stage_actor import schedule
-from pipeline.stages import balanced_bounds
+from dasktrain.checkpoint import latest_checkpoint, list_checkpoints
+from dasktrain.driver import train
+from dasktrain.errors import ClusterError, ConfigError
+from dasktrain.stage_actor import schedule
+from dasktrain.stages import balanced_bounds
 from tests.helpers import local_client, plan_batches, run_config, saved_weights, synthetic_store
 from tests.processes import dask_processes
 from tests.reference import max_relative_error, reference_weights
 from tests.test_thin_driver import ByteCounter
 
 WORKERS = 4
-MLP = {"factory": "pipeline.models:mlp", "kwargs": {"in_features": 16, "out_features": 4, "hidden": [32, 32]}}
+MLP = {"factory": "dasktrain.models:mlp", "kwargs": {"in_features": 16, "out_features": 4, "hidden": [32, 32]}}
 """Six cuttable layers: Flatten, Linear, ReLU, Linear, ReLU, Linear."""
 
 
@@ -115,7 +115,7 @@ def test_driver_bytes_per_step_do_not_grow_with_micro_batch_or_activation(tmp_pa
     big_store = synthetic_store(tmp_path / "blobs.zarr", samples=4000, features=64, classes=10, chunk=100)
     counter = ByteCounter(monkeypatch)
     small = run_config(big_store, tmp_path / "small",
-                       model={"factory": "pipeline.models:mlp",
+                       model={"factory": "dasktrain.models:mlp",
                               "kwargs": {"in_features": 64, "out_features": 10, "hidden": [32, 32]}},
                        train={"epochs": 1, "batch_size": 80, "shards": 4},
                        parallel={"pipeline": 2, "micro_batches": 4})

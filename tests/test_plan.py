@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.errors import PlanError
-from pipeline.plan import SamplingPlan, split_validation
-from pipeline.store import Chunk
+from dasktrain.errors import PlanError
+from dasktrain.plan import SamplingPlan, split_validation
+from dasktrain.store import Chunk
 
 
 def chunks_of(samples: int, size: int) -> tuple[Chunk, ...]:

@@ -22,11 +22,11 @@ from distributed import Client
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.config import RunConfig
-from pipeline.errors import DataError
-from pipeline.inference import WRITTEN_BY, predict
-from pipeline.models import build_model
-from pipeline.store import ATTRS_KEY
+from dasktrain.config import RunConfig
+from dasktrain.errors import DataError
+from dasktrain.inference import WRITTEN_BY, predict
+from dasktrain.models import build_model
+from dasktrain.store import ATTRS_KEY
 from tests.helpers import local_client, run_config, synthetic_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -152,7 +152,7 @@ def test_overwrite_of_predicts_own_store(setup: dict[str, Any], client: Client) 
 
 
 @pytest.mark.parametrize("model", [
-    {"factory": "pipeline.models:mlp", "kwargs": {"in_features": 65, "out_features": 10}},  # fails on the driver
+    {"factory": "dasktrain.models:mlp", "kwargs": {"in_features": 65, "out_features": 10}},  # fails on the driver
     {"factory": "tests.test_predict_safety:fails_on_data", "kwargs": {}},  # fails on the workers
 ])
 def test_failed_predict_leaves_no_trace(setup: dict[str, Any], client: Client, model: dict[str, Any]) -> None:

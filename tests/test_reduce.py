@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.reduce import ReductionTree, sum_in_order
+from dasktrain.reduce import ReductionTree, sum_in_order
 
 
 @pytest.mark.parametrize("leaves,fan_in", [(1, 2), (2, 2), (5, 2), (8, 3), (16, 4), (7, 7)])

@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from pipeline.checkpoint import list_checkpoints, load_checkpoint
-from pipeline.driver import train
-from pipeline.errors import CheckpointError
-from pipeline.ingest import example_arrays, write_store
-from pipeline.metrics import read_metrics
+from dasktrain.checkpoint import list_checkpoints, load_checkpoint
+from dasktrain.driver import train
+from dasktrain.errors import CheckpointError
+from dasktrain.ingest import example_arrays, write_store
+from dasktrain.metrics import read_metrics
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(240)

@@ -33,14 +33,14 @@ import psutil
 import pytest
 import torch
 
-from pipeline import run_lock
-from pipeline.checkpoint import DATA_LAYOUT, DataChangedError, latest_checkpoint
-from pipeline.config import RunConfig
-from pipeline.driver import prepare_run_dir, train
-from pipeline.inference import predict
-from pipeline.ingest import example_arrays, write_store
-from pipeline.metrics import read_metrics
-from pipeline.run_lock import LOCK_FILE, Holder, RunDirLockedError
+from dasktrain import run_lock
+from dasktrain.checkpoint import DATA_LAYOUT, DataChangedError, latest_checkpoint
+from dasktrain.config import RunConfig
+from dasktrain.driver import prepare_run_dir, train
+from dasktrain.inference import predict
+from dasktrain.ingest import example_arrays, write_store
+from dasktrain.metrics import read_metrics
+from dasktrain.run_lock import LOCK_FILE, Holder, RunDirLockedError
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(240)
@@ -50,8 +50,8 @@ SLOW_S = 0.25
 RUNNER = """
 import sys
 from distributed import Client
-from pipeline.config import load_config
-from pipeline.driver import train
+from dasktrain.config import load_config
+from dasktrain.driver import train
 
 with Client(sys.argv[2], timeout=60) as client:
     train(load_config(sys.argv[1]), client=client)
@@ -172,7 +172,7 @@ def test_predict_into_a_running_run_is_refused(digits_store, client, flag, lone,
             predict(client, config, lone, digits_store, output)
         assert_names_holder(str(refused.value), run_dir, a.pid)
         cli = subprocess.run(
-            [sys.executable, "-m", "pipeline.cli", "predict", str(config_file), "--checkpoint", str(lone),
+            [sys.executable, "-m", "dasktrain.cli", "predict", str(config_file), "--checkpoint", str(lone),
              "--input", str(digits_store), "--output", str(output),
              "--set", "cluster.kind=address", "--set", f"cluster.address={client.scheduler.address}"],
             capture_output=True, text=True, timeout=120,
@@ -190,7 +190,7 @@ def test_stale_lock_is_taken_over(digits_store, client, flag, tmp_path, caplog):
     run_dir.mkdir()
     gone = dead_pid()
     (run_dir / LOCK_FILE).write_bytes(Holder(gone, socket.gethostname(), "2026-01-01T00:00:00Z", "dasktrain run x.yaml").to_bytes())
-    with caplog.at_level(logging.WARNING, logger="pipeline.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="dasktrain.run_lock"):
         result = train(config_for(digits_store, run_dir, flag, epochs=1), client=client)
     assert result.completed
     assert any("stale" in r.getMessage() and f"pid {gone} " in r.getMessage() for r in caplog.records), caplog.text
@@ -233,7 +233,7 @@ def test_resume_refuses_a_changed_store(client, flag, lone, tmp_path, caplog):
     state = json.loads((checkpoint / "state.json").read_text())
     del state[DATA_LAYOUT]
     (old / "checkpoints" / checkpoint.name / "state.json").write_text(json.dumps(state))
-    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dasktrain.checkpoint"):
         assert prepare_run_dir(config.model_copy(update={"output_dir": str(old)}), old, resume=True) == state["step"]
     assert "records no data layout" in caplog.text
 
@@ -274,7 +274,7 @@ def test_without_flock_the_file_alone_locks(tmp_path, monkeypatch, caplog):
 
     gone = dead_pid()
     lock_file.write_bytes(Holder(gone, host, "2026-01-01T00:00:00Z", "crashed").to_bytes())
-    with caplog.at_level(logging.WARNING, logger="pipeline.run_lock"):
+    with caplog.at_level(logging.WARNING, logger="dasktrain.run_lock"):
         held = run_lock.acquire(run_dir)
     assert not held.flock and f"pid {gone} " in caplog.text
     assert Holder.parse(lock_file.read_bytes()) == held.holder

@@ -10,7 +10,7 @@ import pytest
 from distributed import Client
 from distributed.comm import tcp
 
-from pipeline.driver import train
+from dasktrain.driver import train
 from tests.helpers import run_config, synthetic_store
 from tests.processes import dask_processes
 
@@ -48,7 +48,7 @@ def test_driver_bytes_per_step_do_not_grow_with_model_or_batch(tmp_path, monkeyp
     counter = ByteCounter(monkeypatch)
     small = {"in_features": 64, "out_features": 10, "hidden": [64]}
     large = {"in_features": 64, "out_features": 10, "hidden": [640, 64]}  # >10x the parameters
-    base = run_config(store, tmp_path / "base", model={"factory": "pipeline.models:mlp", "kwargs": small},
+    base = run_config(store, tmp_path / "base", model={"factory": "dasktrain.models:mlp", "kwargs": small},
                       train={"epochs": 1, "batch_size": 40, "shards": 4})
     big_model = base.model_copy(update={"output_dir": str(tmp_path / "model"),
                                         "model": base.model.model_copy(update={"kwargs": large})})

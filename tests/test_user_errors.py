@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpoint import latest_checkpoint, load_checkpoint
-from pipeline.driver import train
-from pipeline.metrics import read_metrics
+from dasktrain.checkpoint import latest_checkpoint, load_checkpoint
+from dasktrain.driver import train
+from dasktrain.metrics import read_metrics
 from tests import helpers
 from tests.test_cli import dasktrain, error_line, run_config
 
@@ -87,7 +87,7 @@ def test_resume_sets_a_damaged_checkpoint_aside_and_goes_on_from_the_one_before(
         assert newest is not None and newest.name == "step-00000018"
         weights = newest / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated after the rename
-        with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        with caplog.at_level("WARNING", logger="dasktrain.checkpoint"):
             result = train(config, client=client, resume=True)
     assert result.completed
     assert any("step-00000018 cannot be read" in r.getMessage() for r in caplog.records), caplog.text

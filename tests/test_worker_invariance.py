@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.driver import train
-from pipeline.ingest import example_arrays, write_store
+from dasktrain.driver import train
+from dasktrain.ingest import example_arrays, write_store
 from tests.helpers import local_client, plan_shard_batches, run_config, saved_weights
 from tests.reference import max_relative_error, reference_weights
 
@@ -34,10 +34,10 @@ def image_store(tmp_path_factory):
 def configs(digits_store, image_store, out, **train):
     return {
         "mlp-dropout": run_config(digits_store, out / "mlp", optimizer=ADAMW, train={**TRAIN, **train}, model={
-            "factory": "pipeline.models:mlp",
+            "factory": "dasktrain.models:mlp",
             "kwargs": {"in_features": 64, "out_features": 10, "hidden": [32, 32], "dropout": 0.2}}),
         "cnn-batchnorm": run_config(image_store, out / "cnn", optimizer=ADAMW, train={**TRAIN, **train}, model={
-            "factory": "pipeline.models:cnn", "kwargs": CNN_KWARGS}),
+            "factory": "dasktrain.models:cnn", "kwargs": CNN_KWARGS}),
     }
 
 
