@@ -11,7 +11,7 @@ and global batch (``--batch``) on the same synthetic Zarr store, written once pe
   would, shuffled once per epoch, ``workers x threads`` torch threads (the CPUs dasktrain gets);
 - ``DDP``: ``--workers`` processes of ``DistributedDataParallel`` over gloo, each with the whole
   store in memory, taking its slice of the same global batches, ``--threads`` torch threads each;
-- ``dasktrain <mode>``: ``dasktrain.driver.train`` on a fresh LocalCluster of ``--workers`` worker
+- ``dasktrain <mode>``: ``dasktrain.run_loop.train`` on a fresh LocalCluster of ``--workers`` worker
   processes of ``--threads`` threads each, for each mode of ``MODES`` (``--modes``):
   ``tree`` (``reduce: tree``, fast mode), ``tree-bf16`` (the same, ``grad_transfer: bf16``) and
   ``collective`` (``reduce: collective``), with ``data.cache`` on (``--no-cache``: off) and
@@ -75,11 +75,11 @@ import zarr
 
 from dasktrain.allocator import keep_freed_memory
 from dasktrain.config import RunConfig, validate_config
-from dasktrain.driver import train
 from dasktrain.ingest import write_store
 from dasktrain.metrics import read_metrics
 from dasktrain.models import build_model
 from dasktrain.objective import build_optimizer
+from dasktrain.run_loop import train
 
 MODELS = {
     "mlp": ({"factory": "dasktrain.models:mlp",

@@ -122,8 +122,8 @@ def bench_local_cuda(workdir: Path) -> dict[str, Any]:
     import torch
 
     from dasktrain.config import validate_config
-    from dasktrain.driver import train
     from dasktrain.ingest import write_store
+    from dasktrain.run_loop import train
 
     workers = max(1, min(torch.cuda.device_count(), 4))
     rng = np.random.default_rng(0)

@@ -20,8 +20,8 @@ import numpy as np
 from distributed import Client, LocalCluster
 
 from dasktrain.config import validate_config
-from dasktrain.driver import train
 from dasktrain.ingest import write_store
+from dasktrain.run_loop import train
 
 
 def main() -> None:
@@ -58,6 +58,7 @@ def main() -> None:
                     "optimizer": {"name": "sgd", "lr": 0.01},
                     "train": {"epochs": 1, "batch_size": args.batch, "shards": 4},
                     "parallel": {"pipeline": P, "micro_batches": m, "schedule": args.schedule},
+                    "cluster": {"workers": P, "dashboard": False},  # the cluster started above
                     "output_dir": str(Path(tmp) / f"run-m{m}"),
                 })
                 events: list[dict] = []

@@ -9,7 +9,7 @@ lose everything since the last checkpoint). This measures it and reports it; spe
 asserted, these machines are shared.
 
 Each mode (``--modes``: ``tree`` is ``reduce: tree``, ``collective`` is ``reduce: collective``)
-trains a small MLP on a synthetic Zarr store with ``dasktrain.driver.train`` on a cluster started
+trains a small MLP on a synthetic Zarr store with ``dasktrain.run_loop.train`` on a cluster started
 as dasktrain starts one (``dasktrain.cluster.open_cluster``: a ``LocalCluster`` of ``--workers`` worker
 processes, each under a nanny, so a killed worker is restarted by its nanny and may join the run
 again). A thread beside the driver kills, one kill at a time:
@@ -74,8 +74,8 @@ from distributed import Client
 from benchmarks.compare import machine
 from dasktrain.cluster import open_cluster
 from dasktrain.config import RunConfig, validate_config
-from dasktrain.driver import train
 from dasktrain.ingest import write_store
+from dasktrain.run_loop import train
 
 MODES: dict[str, dict[str, Any]] = {"tree": {"reduce": "tree"}, "collective": {"reduce": "collective"}}
 """Mode -> its train settings."""

@@ -7,8 +7,12 @@ tasks: the train stage is one task around the driver, so Prefect costs a fixed f
 run, not per step.
 
 Flow parameters must be JSON-serialisable (they are stored with the flow run and a deployment),
-so the config travels as a path or a mapping; the CLI's progress display, which is not, reaches
-the train stage through :data:`EVENT_HOOK`.
+so the config travels as a path (deployments), a mapping, or a validated :class:`RunConfig`
+(``dasktrain run``: Prefect stores it as its mapping, and the prepare stage takes it as it is,
+without reading or validating it again). What is not serialisable reaches the stages from the
+process that calls the flow: the CLI's progress display through :data:`EVENT_HOOK`, and the
+checks the CLI already made (:class:`~dasktrain.preflight.Preflight`) through
+:data:`HANDED_PREFLIGHT`, which the prepare stage uses instead of checking again.
 """
 
 from __future__ import annotations
@@ -26,16 +30,23 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run, task_run
+from prefect.utilities.annotations import quote
 
-from dasktrain import driver, inference, report
+from dasktrain import inference, report, run_loop
 from dasktrain.checkpoint import latest_checkpoint
 from dasktrain.config import RunConfig, check_flow_run_overrides, load_config, validate_config
 from dasktrain.errors import ClusterError, ConfigError
 from dasktrain.flows import prefect_api
+from dasktrain.preflight import Preflight
 from dasktrain.prepare import prepare_data
+from dasktrain.run_dir import MODEL_FILE
 
-EVENT_HOOK: Callable[[driver.Event], None] | None = None
+EVENT_HOOK: Callable[[run_loop.Event], None] | None = None
 """Receives the driver's events during the train stage when set (the CLI's progress display)."""
+
+HANDED_PREFLIGHT: Preflight | None = None
+"""Checks already made in this process for the config the flow is given (``dasktrain run`` makes
+them before Prefect starts); the prepare stage uses them when they fit its config."""
 
 PREDICTIONS_STORE = "predictions.zarr"
 TRAIN_RETRIES = 2
@@ -70,23 +81,38 @@ class FlowCluster:
 class Prepared:
     config: RunConfig
     facts: dict[str, Any]
+    checked: Preflight
+    """The checks of the store and model against ``config``, made once, for the train stage."""
+
+
+def config_of(config: RunConfig | str | dict[str, Any], overrides: list[str]) -> RunConfig:
+    """The flow's ``config`` parameter as a validated config: a :class:`RunConfig` as it is, a mapping
+    validated, a YAML path read (with ``overrides``; the other forms take none)."""
+    if isinstance(config, RunConfig):
+        cfg = config
+    elif isinstance(config, str):
+        return load_config(config, overrides)
+    else:
+        cfg = validate_config(config, source="flow parameter config")
+    if overrides:
+        raise ConfigError("overrides apply to a config file; with a mapping or a RunConfig, change the config itself")
+    return cfg
 
 
 @task(name="prepare", cache_policy=NONE)
-def prepare(config: str | dict[str, Any], overrides: list[str], cluster: FlowCluster,
+def prepare(config: RunConfig | str | dict[str, Any], overrides: list[str], cluster: FlowCluster,
             per_run_output: bool = False) -> Prepared:
-    """Read and validate the config, ingest the store if only its source exists, check the store
-    and model, start the cluster, and compute normalisation statistics on it."""
-    if overrides and not isinstance(config, str):
-        raise ConfigError("overrides apply to a config file; with a mapping, change the mapping")
-    cfg = load_config(config, overrides) if isinstance(config, str) else validate_config(config, source="flow parameter config")
+    """Read and validate the config (unless it came validated), ingest the store if only its source
+    exists, check the store and model (unless :data:`HANDED_PREFLIGHT` did for this config), start
+    the cluster, and compute normalisation statistics on it."""
+    cfg = config_of(config, overrides)
     if per_run_output:  # a scheduled run retrains from fresh data: its own directory, never a resume
         label = f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{flow_run.name}"
         cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / label)})
-    facts = prepare_data(cfg, lambda: cluster.open(cfg))
+    checked, facts = prepare_data(cfg, lambda: cluster.open(cfg), checked=HANDED_PREFLIGHT)
     get_run_logger().info("prepared %s: %d samples in %d chunks, %d workers%s", facts["store"], facts["samples"],
                           facts["chunks"], facts["workers"], ", normalised" if facts["normalized"] else "")
-    return Prepared(cfg, facts)
+    return Prepared(cfg, facts, checked)
 
 
 def _worth_retrying(task: Any, run: Any, state: Any) -> bool:
@@ -95,13 +121,15 @@ def _worth_retrying(task: Any, run: Any, state: Any) -> bool:
 
 
 @task(name="train", cache_policy=NONE, retries=TRAIN_RETRIES, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
-def train(config: RunConfig, client: Client, resume: bool, until_epoch: int | None) -> dict[str, Any]:
-    """The data-parallel driver. A retry goes on from the newest checkpoint that the failed try
-    wrote, so the epochs it finished are not trained again."""
+def train(config: RunConfig, client: Client, resume: bool, until_epoch: int | None,
+          checked: Preflight | None = None) -> dict[str, Any]:
+    """The training run, on the checks the prepare stage made (``checked``). A retry goes on from
+    the newest checkpoint that the failed try wrote, so the epochs it finished are not trained again."""
     retrying = task_run.run_count > 1 and latest_checkpoint(Path(config.output_dir)) is not None
     if retrying:
         get_run_logger().warning("try %d: resuming from %s", task_run.run_count, latest_checkpoint(Path(config.output_dir)))
-    result = driver.train(config, client=client, resume=resume or retrying, until_epoch=until_epoch, on_event=EVENT_HOOK)
+    result = run_loop.train(config, client=client, resume=resume or retrying, until_epoch=until_epoch,
+                            on_event=EVENT_HOOK, checked=checked)
     return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
             "epochs": result.epochs, "tries": task_run.run_count}
 
@@ -111,7 +139,7 @@ def evaluate(config: RunConfig, client: Client) -> dict[str, Any]:
     """Loss and accuracy (or error) on the test split, chunk-parallel on the workers; predictions
     for every sample of the test store (or the training store) into the run directory."""
     run_dir = Path(config.output_dir)
-    model = run_dir / driver.MODEL_FILE
+    model = run_dir / MODEL_FILE
     result = inference.evaluate(client, config, model, inference.evaluation_split(config))
     source = config.data.test_store or config.data.store
     result["predictions"] = inference.predict(client, config, model, source, run_dir / PREDICTIONS_STORE, overwrite=True)
@@ -133,7 +161,7 @@ def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any]
         "completed": trained["completed"], "train_tries": trained["tries"],
         "final_epoch": epochs[-1] if epochs else None, "evaluation": evaluation,
         "metrics": str((run_dir / "metrics.jsonl").resolve()),
-        "model": str((run_dir / driver.MODEL_FILE).resolve()) if trained["completed"] else None,
+        "model": str((run_dir / MODEL_FILE).resolve()) if trained["completed"] else None,
         "predictions": evaluation["predictions"]["store"] if evaluation else None,
         "curves": str(report.plot_curves(run_dir).resolve()),
         "flow_run": flow_run.name, "flow_run_id": str(flow_run.id),
@@ -154,7 +182,9 @@ def training_flow(config: str | dict[str, Any], overrides: list[str] | None = No
                   deployment_overrides: list[str] | None = None) -> dict[str, Any]:
     """Prepare the data, train on a Dask cluster, evaluate and publish; returns the run summary.
 
-    ``config`` is a YAML path (with ``overrides``) or the config as a mapping; ``per_run_output``
+    ``config`` is a YAML path (with ``overrides``) or the config as a mapping (``dasktrain run``
+    hands over the config it read, validated, as a mapping: parameters stay JSON, which a flow run
+    of a served deployment also validates them as); ``per_run_output``
     puts the run in its own directory under ``output_dir`` (scheduled deployments);
     ``deployment_overrides``, the deployment owner's (``dasktrain deploy --set``), apply before
     ``overrides``. A flow run of a deployment may change only ``overrides``, and only with keys of
@@ -165,7 +195,9 @@ def training_flow(config: str | dict[str, Any], overrides: list[str] | None = No
     try:
         prepared = prepare(config, [*(deployment_overrides or []), *(overrides or [])], cluster, per_run_output)
         cfg, client = prepared.config, cluster.open(prepared.config)
-        trained = train(cfg, client, resume, until_epoch)
+        # Quoted: the train task gets it as it is, without Prefect walking every chunk of the splits.
+        checked: Any = quote(prepared.checked)
+        trained = train(cfg, client, resume, until_epoch, checked)
         evaluation = evaluate(cfg, client) if trained["completed"] else None
         return publish(cfg, prepared.facts, trained, evaluation)
     finally:
@@ -214,7 +246,7 @@ def artifact_key(run_dir: Path) -> str:
 
 
 @contextmanager
-def event_hook(hook: Callable[[driver.Event], None] | None) -> Iterator[None]:
+def event_hook(hook: Callable[[run_loop.Event], None] | None) -> Iterator[None]:
     """Set :data:`EVENT_HOOK` for the block."""
     global EVENT_HOOK
     previous, EVENT_HOOK = EVENT_HOOK, hook
@@ -224,13 +256,31 @@ def event_hook(hook: Callable[[driver.Event], None] | None) -> Iterator[None]:
         EVENT_HOOK = previous
 
 
-def run_training(config: str | Path, overrides: list[str] | None = None, resume: bool = False,
-                 until_epoch: int | None = None, on_event: Callable[[driver.Event], None] | None = None,
-                 db_dir: str | Path | None = None) -> dict[str, Any]:
+@contextmanager
+def handed_preflight(checked: Preflight | None) -> Iterator[None]:
+    """Set :data:`HANDED_PREFLIGHT` for the block."""
+    global HANDED_PREFLIGHT
+    previous, HANDED_PREFLIGHT = HANDED_PREFLIGHT, checked
+    try:
+        yield
+    finally:
+        HANDED_PREFLIGHT = previous
+
+
+def run_training(config: RunConfig | str | Path, overrides: list[str] | None = None, resume: bool = False,
+                 until_epoch: int | None = None, on_event: Callable[[run_loop.Event], None] | None = None,
+                 db_dir: str | Path | None = None, checked: Preflight | None = None) -> dict[str, Any]:
     """Run :func:`training_flow` as ``dasktrain run`` does: against ``PREFECT_API_URL`` (checked
     first), or Prefect's local server with its database in ``db_dir`` (default: the parent of the
-    run's output directory, e.g. ``runs/``)."""
+    run's output directory, e.g. ``runs/``).
+
+    ``config`` is a validated config, or a YAML path read here (once, with ``overrides``); the flow
+    gets the validated config. ``checked``: the checks of the store and model already made for
+    it (:func:`dasktrain.preflight.preflight`), which the flow then does not make again.
+    The flow is given the validated config as a mapping (validated again there, which reads no
+    file but a named cluster spec)."""
+    cfg = config_of(str(config) if isinstance(config, Path) else config, list(overrides or []))
     if db_dir is None:
-        db_dir = Path(load_config(config, overrides or []).output_dir).resolve().parent / ".prefect"
-    with prefect_api(db_dir), event_hook(on_event):
-        return training_flow(str(config), list(overrides or []), resume, until_epoch)
+        db_dir = Path(cfg.output_dir).resolve().parent / ".prefect"
+    with prefect_api(db_dir), event_hook(on_event), handed_preflight(checked):
+        return training_flow(cfg.model_dump(mode="json"), [], resume, until_epoch)

@@ -79,13 +79,7 @@ def save_checkpoint(
     keep: int,
 ) -> Path:
     """Write the checkpoint of global ``step`` atomically and prune to the newest ``keep``."""
-    root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = begin_checkpoint(run_dir, step)
     opt_tensors, opt_rest = split_optimizer_state(optimizer_state)
     files = {
         "model.safetensors": dump_tensors({k: v.detach().cpu().contiguous() for k, v in model_state.items()}),
@@ -98,6 +92,31 @@ def save_checkpoint(
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    return commit_checkpoint(run_dir, tmp, step, keep)
+
+
+def begin_checkpoint(run_dir: Path, step: int) -> Path:
+    """A fresh temporary directory for the checkpoint of global ``step``, beside where it goes.
+
+    Whoever fills it (one writer here, or every pipeline stage for its own part) writes
+    ``state.json`` last and hands it to :func:`commit_checkpoint`."""
+    root = Path(run_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
+    """Rename a filled temporary directory into place as the checkpoint of ``step`` and prune to
+    the newest ``keep``: the one way a checkpoint appears or goes, so a crash at any moment leaves
+    only whole checkpoints under the names resume reads."""
+    if not (tmp / "state.json").is_file():
+        raise CheckpointError(f"checkpoint {tmp} has no state.json: it is not complete")
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / f"step-{step:08d}"
     fsync_dir(tmp)
     if final.exists():  # a re-run of the same step (after a resume): replace it whole
         _remove(final)
@@ -106,6 +125,23 @@ def save_checkpoint(
     for old in list_checkpoints(run_dir)[:-keep]:
         _remove(old)
     return final
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The global step a checkpoint was written at, from its ``state.json`` (no tensors read)."""
+    try:
+        return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: state.json does not say its step: {exc}") from None
+
+
+def checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` (step, config digest, data layout, stage bounds...)."""
+    try:
+        state: dict[str, Any] = json.loads((Path(checkpoint) / "state.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint}: state.json is unreadable: {exc}") from None
+    return state
 
 
 def _remove(checkpoint: Path) -> None:

@@ -33,7 +33,7 @@ from dasktrain.errors import DasktrainError
 
 if TYPE_CHECKING:
     from dasktrain.config import RunConfig
-    from dasktrain.driver import Event, RunResult
+    from dasktrain.run_loop import Event, RunResult
 
 app = typer.Typer(
     name="dasktrain",
@@ -201,17 +201,21 @@ def run(
     With PREFECT_API_URL set the run is recorded on that server (checked first); without, on
     Prefect's local temporary server with its database in .prefect/ beside the run directory."""
     from dasktrain.config import load_config
-    from dasktrain.driver import RunResult
-    from dasktrain.prepare import preflight
+    from dasktrain.preflight import preflight
+    from dasktrain.prepare import store_pending
+    from dasktrain.run_dir import RunResult
 
     with _user_errors():
+        # The YAML is read and validated here, once; the flow gets the validated config. Bad input
+        # fails in seconds, before Prefect and the cluster start, and the flow uses these checks
+        # rather than make them again (a store still to be ingested is checked by the flow, after).
         cfg = load_config(config, overrides or [])
-        preflight(cfg)  # bad input fails in seconds, before Prefect and the cluster start
+        checked = None if store_pending(cfg.data) else preflight(cfg)
         training = _import_flows()
         resume_with = shlex.join(["dasktrain", "run", str(config), *(f"--set={o}" for o in overrides or []), "--resume"])
         with _interrupts_stop_the_run(cfg, resume_with), _ProgressView(cfg) as view:
-            summary = training.run_training(config, overrides or [], resume=resume, until_epoch=until_epoch,
-                                            on_event=view.on_event)
+            summary = training.run_training(cfg, resume=resume, until_epoch=until_epoch, on_event=view.on_event,
+                                            checked=checked)
     result = RunResult(Path(cfg.output_dir), summary["steps"], summary["completed"])
     _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])])
     _print_outputs(summary)
@@ -431,8 +435,8 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 
 def _print_run(result: RunResult, config: RunConfig, run_args: list[str]) -> None:
-    from dasktrain.driver import CONFIG_FILE
     from dasktrain.metrics import METRICS_FILE, read_metrics
+    from dasktrain.run_dir import CONFIG_FILE
 
     # From metrics.jsonl rather than result.epochs: after --resume it also holds earlier epochs.
     epochs = [r for r in read_metrics(result.run_dir) if r.get("kind") == "epoch"]

@@ -8,8 +8,9 @@ on the workers:
 - :func:`open_rendezvous`, on rank 0: a ``TCPStore`` on a port the OS picks now (never a fixed
   one), listening on the worker's own Dask host only (loopback in a local cluster); its address
   reaches the other ranks through the scheduler, as the task's result;
-- :func:`join_group`, on every rank at once: the process group, kept in the worker's replica
-  (a private group object, not torch's process-global default group, so runs never clash);
+- :func:`join_group`, on every rank at once: the process group, kept on the worker beside the
+  run's replica (a private group object, not torch's process-global default group, so runs never
+  clash; see :mod:`dasktrain.registry`);
 - :func:`run_segment`: steps ``[start, stop)`` with no task boundary between them. Each step,
   every rank computes its fused gradient, the ranks all-reduce a small stats vector first (so
   that a rank that failed makes every rank stop at the same step, instead of leaving the
@@ -33,7 +34,7 @@ import os
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from distributed.comm import get_address_host
 
 from dasktrain.errors import DasktrainError
 from dasktrain.reduce import StepStats
+from dasktrain.registry import Resident
 from dasktrain.replica import get_replica
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,12 @@ class CollectiveGroup:
                 pass
 
 
+_GROUPS: Resident[CollectiveGroup] = Resident("process group", CollectiveGroup.close)
+"""The process group of each run this worker is a rank of (freed with the run's replica)."""
+_RENDEZVOUS: Resident[tuple[dist.TCPStore, int]] = Resident("rendezvous store")
+"""On rank 0 of a run: the store the ranks meet through, and the generation it was made for."""
+
+
 def _timeout(seconds: float | None) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds or DEFAULT_TIMEOUT_S)
 
@@ -136,10 +144,10 @@ def _store_server(host: str, timeout: datetime.timedelta) -> dist.TCPStore:
 def open_rendezvous(run_id: str, generation: int, timeout_s: float | None) -> tuple[str, int]:
     """Dask task on rank 0: host a store on a free port of this worker's Dask host (no other
     interface); returns ``(host, port)`` for the others."""
-    replica = get_replica(run_id)
+    get_replica(run_id)  # only a worker holding the run's replica hosts its rendezvous
     host = get_address_host(get_worker().address)
     store = _store_server(host, _timeout(timeout_s))
-    replica.rendezvous = (store, generation)
+    _RENDEZVOUS.put(run_id, (store, generation))
     return host, int(store.port)
 
 
@@ -148,18 +156,19 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
     """Dask task on every rank, all at once: join the run's process group for ``generation``."""
     replica = get_replica(run_id)
     timeout = _timeout(timeout_s)
+    store: dist.Store | None
     if rank == 0:
-        store, made_for = replica.rendezvous or (None, None)
+        store, made_for = _RENDEZVOUS.find(run_id) or (None, None)
         if store is None or made_for != generation:
             raise DasktrainError(f"rank 0 of run {run_id} has no rendezvous store for generation {generation}")
     else:
         store = dist.TCPStore(master[0], master[1], None, False, timeout)
     prefixed = dist.PrefixStore(f"{run_id}/g{generation}", store)
     host = get_address_host(get_worker().address)
-    if replica.collective is not None:
-        replica.collective.close()
-    replica.collective = CollectiveGroup(prefixed, rank, size, host, replica.place.device, timeout)
-    replica.collective.store = store
+    _GROUPS.discard(run_id)  # the previous generation's group
+    group = CollectiveGroup(prefixed, rank, size, host, replica.place.device, timeout)
+    group.store = store
+    _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 
 
@@ -171,7 +180,8 @@ class SegmentEnd:
     checkpoint: dict[str, Any] | None = None
 
 
-_STATS = ("loss_sum", "count", "correct", "nonfinite", "chunks_read", "data_wait_s", "compute_s")
+_STATS = tuple(f.name for f in fields(StepStats) if not f.name.startswith("val_"))
+"""The step numbers every rank adds to the stats all-reduce (validation has its own, at segment ends)."""
 _FAILED = len(_STATS)
 
 
@@ -183,7 +193,7 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
     this rank spent in the all-reduces), and the validation sums when ``end.validate``.
     """
     replica = get_replica(run_id)
-    group = replica.collective
+    group = _GROUPS.find(run_id)
     if group is None:
         raise DasktrainError(f"this worker's replica of run {run_id} has joined no process group")
     with replica.lock:
@@ -211,9 +221,7 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
                                       "its error is the one this run reports")
             group.sum_(flat)
             reduced_s = time.perf_counter() - reduce_began
-            summed = StepStats(loss_sum=totals[0], count=round(totals[1]), correct=round(totals[2]),
-                               nonfinite=round(totals[3]), chunks_read=round(totals[4]),
-                               data_wait_s=totals[5] / group.size, compute_s=totals[6] / group.size)
+            summed = _summed(totals[:_FAILED], group.size)
             replica.apply_sum(t, flat, summed)
             record = summed.as_dict()
             record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)
@@ -230,3 +238,17 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
         if end.checkpoint is not None:
             replica.write_checkpoint(stop, end.checkpoint)
         return result
+
+
+def _summed(totals: list[float], ranks: int) -> StepStats:
+    """The ranks' step numbers from their all-reduced sums: counts as integers, times as the mean
+    over ranks (a rank's time is the step's), the rest as sums."""
+    values: dict[str, Any] = {}
+    for f, total in zip((f for f in fields(StepStats) if f.name in _STATS), totals):
+        if f.name in StepStats._MAX:
+            values[f.name] = total / ranks
+        elif isinstance(f.default, int):
+            values[f.name] = round(total)
+        else:
+            values[f.name] = total
+    return StepStats(**values)

@@ -4,6 +4,11 @@ A config travels from the driver to every worker, so it is immutable (``frozen=T
 variants are made with ``model_copy(update=...)`` or ``--set key=value`` overrides. Unknown keys
 and wrong types are errors that name the key and the file. Relative paths are taken relative to
 the current working directory, as the CLI is run from the project root.
+
+A rule within one section sits on that section's model. Every rule that relates keys of two
+sections sits in one place, :func:`cross_section_problems`, which :class:`RunConfig` runs when it
+is built: a config that validates is one the run can honour, as far as the config alone can say
+(``model_copy`` does not validate: a variant made that way can be checked with it).
 """
 
 from __future__ import annotations
@@ -293,6 +298,39 @@ class ClusterConfig(_Frozen):
         """Where this spec came from, for error messages: its file, or the run config."""
         return f"cluster spec {self.spec}" if self.spec else "the run config's cluster section"
 
+    @property
+    def fewest_workers(self) -> int:
+        """Workers a run on this spec has at least: ``workers``, else what the kind starts by default
+        (2 for ``local``, one per GPU of ``devices`` for ``local-cuda``, else 1)."""
+        if self.workers is not None:
+            return self.workers
+        if self.kind == "local":
+            return 2
+        if self.kind == "local-cuda" and self.devices:
+            return len(self.devices)
+        return 1
+
+    @property
+    def most_workers(self) -> int | None:
+        """Workers a run on this spec has at most, where the config alone says it: the local kinds
+        start exactly their workers. None where the count is known only when the run has its
+        cluster: ``address`` (a running cluster may have more), jobqueue kinds (dask-jobqueue
+        rounds workers up to whole jobs) and ``local-cuda`` on every visible GPU."""
+        if self.kind == "local":
+            return self.workers or 2
+        if self.kind == "local-cuda":
+            return self.workers or (len(self.devices) if self.devices else None)
+        return None
+
+    @property
+    def workers_text(self) -> str:
+        """``cluster.workers`` as a message names it: its value, or the default the kind takes."""
+        if self.workers is not None:
+            return f"cluster.workers={self.workers}"
+        if self.kind == "local-cuda" and self.devices:
+            return f"cluster.workers (unset, so one per GPU of cluster.devices: {len(self.devices)})"
+        return f"cluster.workers (unset, so {self.fewest_workers} for kind {self.kind!r})"
+
 
 def _spec_path(name: str) -> Path:
     path = Path(name)
@@ -383,12 +421,10 @@ class RunConfig(_Frozen):
     """Run directory: model, metrics, checkpoints, resolved config."""
 
     @model_validator(mode="after")
-    def _collective_outside_tls(self) -> RunConfig:
-        if self.train.reduce == "collective" and self.cluster.security == "tls":
-            raise ValueError(
-                "train.reduce: collective sends gradients (gloo/NCCL) and its rendezvous (a torch TCPStore, "
-                "which has no authentication) outside TLS, so cluster.security: tls refuses it; use "
-                "train.reduce: tree to keep TLS, or cluster.security: none on a trusted network")
+    def _cross_section_rules(self) -> RunConfig:
+        problems = cross_section_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def digest(self) -> str:
@@ -402,6 +438,51 @@ class RunConfig(_Frozen):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def cross_section_problems(config: RunConfig) -> list[str]:
+    """Every rule relating keys of two sections of ``config``: one message per broken rule, naming
+    the keys, their values and what would fix it; an empty list when every rule holds.
+
+    These are the checks that need no store, model or cluster: a config that breaks one fails
+    when it is built (:func:`validate_config`, :func:`load_config`), before anything starts. The
+    run keeps its own checks of what only the running cluster can tell (its actual workers).
+    """
+    train, par, cluster = config.train, config.parallel, config.cluster
+    problems: list[str] = []
+    if train.reduce == "collective" and cluster.security == "tls":
+        problems.append(
+            "train.reduce: collective sends gradients (gloo/NCCL) and its rendezvous (a torch TCPStore, "
+            "which has no authentication) outside TLS, so cluster.security: tls refuses it; use "
+            "train.reduce: tree to keep TLS, or cluster.security: none on a trusted network")
+    if par.pipeline == 1:
+        # Data parallelism: each worker streams a contiguous block of at least one shard.
+        if cluster.fewest_workers > train.shards:
+            problems.append(
+                f"{cluster.workers_text} is more than train.shards={train.shards} (each worker streams at "
+                "least one shard); raise train.shards or use fewer workers")
+        return problems
+    if train.precision != "fp32":
+        problems.append(
+            f"train.precision={train.precision} is not supported with parallel.pipeline={par.pipeline} yet; "
+            "pipeline stages train in fp32 (set train.precision: fp32)")
+    per_replica = train.batch_size // par.data
+    if per_replica == 0:
+        problems.append(
+            f"parallel.data={par.data} pipeline replicas need at least one sample each, train.batch_size="
+            f"{train.batch_size} gives them none; needs train.batch_size >= {par.data}")
+    elif par.micro_batches > per_replica:
+        problems.append(
+            f"parallel.micro_batches={par.micro_batches} is larger than the batch each pipeline replica gets "
+            f"(train.batch_size={train.batch_size} / parallel.data={par.data} = {per_replica} samples); "
+            f"needs parallel.micro_batches <= {per_replica}")
+    need, most = par.pipeline * par.data, cluster.most_workers
+    if most is not None and most < need:
+        problems.append(
+            f"parallel.pipeline={par.pipeline} stages x parallel.data={par.data} replicas needs {need} workers "
+            f"(one per stage), more than {cluster.workers_text}; raise cluster.workers or lower "
+            "parallel.pipeline/parallel.data")
+    return problems
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -439,6 +520,9 @@ def validate_config(raw: dict[str, Any], source: str = "<config>") -> RunConfig:
                 problems.append(f"missing key '{key}'")
             elif not err["loc"]:  # a check across sections: its message names the keys
                 problems.append(err["msg"].removeprefix("Value error, "))
+            elif err["type"] == "value_error" and isinstance(err.get("input"), dict):
+                # a check across keys of one section: its message names them, the section's keys are noise
+                problems.append(f"'{key}': {err['msg'].removeprefix('Value error, ')}")
             else:
                 problems.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
         raise ConfigError(f"{source}: " + "; ".join(problems)) from None

@@ -16,7 +16,6 @@ overlaps with the host's work, and a buffer is only refilled after the copy that
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -101,11 +100,3 @@ class Placement:
     def from_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """A CPU tensor received from Dask (e.g. the reduced gradient) on the device."""
         return tensor.to(self.device, non_blocking=True) if self._cuda else tensor
-
-    @contextlib.contextmanager
-    def step(self) -> Iterator[None]:
-        """Brackets one step's device work; on CUDA, waits for it at the end so that the step's
-        timing and the returned host buffers are complete."""
-        yield
-        if self._cuda:
-            torch.cuda.synchronize(self.device)

@@ -10,6 +10,10 @@ Without a cache a window's chunks are read from the store every epoch. With a
 the cache; chunks the cache holds on the GPU are concatenated and shuffled there with torch, so
 batches come out as device tensors and a cached epoch's samples never pass through the host.
 Batches are therefore numpy arrays or torch tensors; :func:`join_batches` takes either.
+
+Every consumer reads through :func:`open_reader` (a :class:`~dasktrain.store.ChunkReader`, which
+names a missing or corrupt chunk, normalising inputs with ``data.normalize``): the shard feed
+here, the replicas' validation, and a pipeline stage's rows of a step (:class:`StepRows`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Literal
 
 import numpy as np
 import torch
@@ -61,9 +66,8 @@ class NormalizedReader(ChunkReader):
         super().__init__(info)
         self.normalization = normalization
 
-    def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-        x, y = super().read(chunk)
-        return self.normalization.apply(x), y
+    def read_inputs(self, chunk: Chunk) -> np.ndarray:
+        return self.normalization.apply(super().read_inputs(chunk))
 
 
 def open_reader(info: DatasetInfo, data: DataConfig) -> ChunkReader:
@@ -72,6 +76,50 @@ def open_reader(info: DatasetInfo, data: DataConfig) -> ChunkReader:
     if not data.normalize:
         return ChunkReader(info)
     return NormalizedReader(info, read_normalization(data.store, data.inputs))
+
+
+class StepRows:
+    """One array of a store by sample index, for a consumer that takes rows rather than windows:
+    a pipeline replica's part of a step (inputs at its first stage, targets at its last).
+
+    Whole chunks are read through a :class:`ChunkReader`, as every consumer reads, so a missing
+    or corrupt chunk is named and ``data.normalize`` applies; the chunks of the last call are
+    kept, since a shard's window spans consecutive steps.
+    """
+
+    def __init__(self, reader: ChunkReader, array: Literal["inputs", "targets"]) -> None:
+        self.reader = reader
+        self.spec = reader.info.inputs if array == "inputs" else reader.info.targets
+        self.read = reader.read_inputs if array == "inputs" else reader.read_targets
+        """Reads one chunk of this array."""
+        self.reads = 0
+        """Chunks read from the store since the last :meth:`take_reads`."""
+        self._chunks: dict[int, np.ndarray] = {}
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        """Rows ``indices`` of the array, in that order."""
+        info = self.reader.info
+        which = indices // info.chunk_size
+        needed = [int(c) for c in np.unique(which)]
+        # Keep what this call needs, drop the rest.
+        self._chunks = {c: self._chunks[c] if c in self._chunks else self._read(c) for c in needed}
+        if not needed:
+            return np.empty((0, *self.spec.sample_shape), self.spec.dtype)
+        first = self._chunks[needed[0]]  # the reader's dtype (float32 once normalised)
+        out = np.empty((len(indices), *first.shape[1:]), dtype=first.dtype)
+        for c in needed:
+            mask = which == c
+            out[mask] = self._chunks[c][indices[mask] - c * info.chunk_size]
+        return out
+
+    def take_reads(self) -> int:
+        reads, self.reads = self.reads, 0
+        return reads
+
+    def _read(self, c: int) -> np.ndarray:
+        info = self.reader.info
+        self.reads += 1
+        return self.read(Chunk(c, c * info.chunk_size, min((c + 1) * info.chunk_size, info.samples)))
 
 
 class ShardFeed:

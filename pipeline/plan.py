@@ -30,6 +30,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
+from dasktrain.config import RunConfig
 from dasktrain.errors import PlanError
 from dasktrain.store import Chunk
 
@@ -166,3 +167,10 @@ def split_validation(chunks: Sequence[Chunk], fraction: float, seed: int) -> tup
     train = tuple(c for i, c in enumerate(chunks) if i not in held)
     val = tuple(c for i, c in enumerate(chunks) if i in held)
     return train, val
+
+
+def plan_for(config: RunConfig, train_chunks: tuple[Chunk, ...]) -> SamplingPlan:
+    """The sampling plan a config gives over its training chunks (driver, replicas, reference)."""
+    t = config.train
+    return SamplingPlan(train_chunks, t.shards, t.batch_size, t.seed, config.data.shuffle_window,
+                        deal_once=config.data.cache)

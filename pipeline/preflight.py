@@ -1,7 +1,12 @@
 """Checks made on the driver before any cluster starts, so bad input fails in seconds.
 
+:func:`preflight` makes them all, once per run: it opens the stores, splits the training chunks
+from the validation ones, builds the sampling plan and runs the model on a sample of the inputs'
+shape, and hands what it found (:class:`Preflight`) to the run, which uses it rather than redo it.
 They read only store metadata (never data) and run the model on the ``meta`` device, which
-checks shapes without allocating or computing anything, whatever the model's size.
+checks shapes without allocating or computing anything, whatever the model's size. The rules
+the config alone decides are not here: :func:`dasktrain.config.cross_section_problems` checks
+them when the config is built.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from dasktrain.config import RunConfig
-from dasktrain.errors import ClusterError, ShapeMismatchError
+from dasktrain.errors import ShapeMismatchError
 from dasktrain.models import build_model
-from dasktrain.plan import SamplingPlan, split_validation
+from dasktrain.plan import SamplingPlan, plan_for, split_validation
+from dasktrain.stages import as_sequential, build_layers, plan_stages
 from dasktrain.store import Chunk, DatasetInfo, open_dataset
 
 
@@ -26,6 +33,39 @@ class DataSplits:
     train_chunks: tuple[Chunk, ...]
     val: DatasetInfo | None
     val_chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What :func:`preflight` found: the run trains on these splits with this plan, and need not
+    open the stores or check the model again."""
+
+    splits: DataSplits
+    """The training store and chunks, and the validation source."""
+    plan: SamplingPlan
+    """The sampling plan over ``splits.train_chunks``."""
+    digest: str
+    """:meth:`RunConfig.digest` of the config checked: the settings that decide the splits, the
+    plan and the model (not where the run goes: the cluster, ``output_dir``)."""
+
+    def fits(self, config: RunConfig) -> bool:
+        """Whether these checks were made for ``config`` (or a variant differing only in where it runs)."""
+        return self.digest == config.digest()
+
+
+def preflight(config: RunConfig) -> Preflight:
+    """Every check a run makes before any cluster starts, each once: open the stores named by the
+    config (metadata only), split training from validation chunks, build the sampling plan, and,
+    on the ``meta`` device, cut a pipeline model into its stages and run the model on the
+    inputs' sample shape. Raises :class:`~dasktrain.errors.DataError` (and its
+    :class:`~dasktrain.errors.ShapeMismatchError`), :class:`~dasktrain.errors.PlanError` or
+    :class:`~dasktrain.errors.ConfigError`, each naming the store, array or key."""
+    splits = resolve_splits(config)
+    plan = build_plan(config, splits)
+    if config.parallel.pipeline > 1:
+        check_stages(config)
+    check_model_fits(config, splits.train)
+    return Preflight(splits, plan, config.digest())
 
 
 def resolve_splits(config: RunConfig) -> DataSplits:
@@ -54,29 +94,28 @@ def build_plan(config: RunConfig, splits: DataSplits) -> SamplingPlan:
     return plan_for(config, splits.train_chunks)
 
 
-def plan_for(config: RunConfig, train_chunks: tuple[Chunk, ...]) -> SamplingPlan:
-    """The sampling plan a config gives over its training chunks (driver, replicas, reference)."""
-    t = config.train
-    return SamplingPlan(train_chunks, t.shards, t.batch_size, t.seed, config.data.shuffle_window,
-                        deal_once=config.data.cache)
-
-
-def check_workers_fit(config: RunConfig) -> None:
-    """Raise :class:`ClusterError` if the spec asks for more data-parallel workers than shards."""
-    asked = config.cluster.workers
-    if config.parallel.pipeline == 1 and asked is not None and asked > config.train.shards:
-        raise ClusterError(
-            f"cluster.workers={asked} is more than train.shards={config.train.shards} "
-            "(each worker streams at least one shard); raise train.shards or use fewer workers"
-        )
+def check_stages(config: RunConfig) -> None:
+    """Raise :class:`~dasktrain.errors.ConfigError` if the model cannot be cut into
+    ``parallel.pipeline`` stages (at ``parallel.cuts``, when given). The cut itself is the run's
+    to make: ``balance: time`` measures the layers, which the counts checked here do not need."""
+    par = config.parallel
+    by_params = config.model_copy(update={"parallel": par.model_copy(update={"balance": "params"})})
+    plan_stages(by_params, ())
 
 
 def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
-    """Raise :class:`ShapeMismatchError` if the model cannot take the inputs or fit the targets."""
+    """Raise :class:`ShapeMismatchError` if the model cannot take the inputs or fit the targets.
+
+    A pipeline model (``parallel.pipeline > 1``) is run as its layers or named stages in a row,
+    as the stages will run it."""
     where = f"store {dataset.path}"
     inputs, targets = dataset.inputs, dataset.targets
     with torch.device("meta"):
-        model = build_model(config.model, config.train.seed)
+        model: nn.Module
+        if config.parallel.pipeline > 1:
+            model = as_sequential(build_layers(config, device="meta")[0])
+        else:
+            model = build_model(config.model, config.train.seed)
         x = torch.empty((2, *inputs.sample_shape))
         try:
             out = model(x)

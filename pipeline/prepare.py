@@ -1,5 +1,6 @@
 """The prepare stage: ingest the store when only its source exists, check the store against the
-config (on the driver, metadata only), and compute the normalisation statistics on the cluster."""
+config (on the driver, metadata only: :func:`dasktrain.preflight.preflight`), and compute the
+normalisation statistics on the cluster."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from dasktrain import ingest
 from dasktrain.config import DataConfig, RunConfig
 from dasktrain.errors import ConfigError, DataError
 from dasktrain.normalize import compute_normalization
-from dasktrain.preflight import DataSplits, build_plan, check_model_fits, check_workers_fit, resolve_splits
+from dasktrain.preflight import Preflight, preflight
+
+
+def store_pending(data: DataConfig) -> bool:
+    """Whether ``data.store`` is still to be ingested from ``data.source`` (so it cannot be checked yet)."""
+    return bool(data.source) and not Path(data.store).exists()
 
 
 def ensure_store(data: DataConfig) -> bool:
     """Write ``data.store`` from ``data.source`` when the store does not exist yet; True if it did."""
-    if Path(data.store).exists() or not data.source:
+    if not store_pending(data):
         return False
     source = data.source
+    assert source is not None  # store_pending said so
     if source.startswith("example:"):
         arrays = ingest.example_arrays(source.removeprefix("example:"))
     elif source.endswith(".npz"):
@@ -34,29 +41,16 @@ def ensure_store(data: DataConfig) -> bool:
     return True
 
 
-def check_run(config: RunConfig) -> DataSplits:
-    """Every check that needs no cluster: the stores, the plan, the model against the data."""
-    if config.data.normalize and config.parallel.pipeline > 1:
-        raise ConfigError("data.normalize is not supported with parallel.pipeline > 1 (pipeline stages read raw inputs)")
-    splits = resolve_splits(config)
-    build_plan(config, splits)
-    check_model_fits(config, splits.train)
-    check_workers_fit(config)  # before any cluster is started
-    return splits
-
-
-def preflight(config: RunConfig) -> None:
-    """:func:`check_run`, unless the store is still to be ingested from ``data.source``."""
-    if config.data.source and not Path(config.data.store).exists():
-        return
-    check_run(config)
-
-
-def prepare_data(config: RunConfig, connect: Callable[[], Client]) -> dict[str, Any]:
-    """Ingest if needed, check, then (the checks passed) get the cluster from ``connect`` and
-    compute the normalisation statistics on it (``data.normalize``); returns facts for the run summary."""
+def prepare_data(config: RunConfig, connect: Callable[[], Client],
+                 checked: Preflight | None = None) -> tuple[Preflight, dict[str, Any]]:
+    """Ingest if needed; check (unless ``checked`` holds the checks already made for this config);
+    then, the checks passed, get the cluster from ``connect`` and compute the normalisation
+    statistics on it (``data.normalize``). Returns the checks, for the run, and facts for the run
+    summary."""
     ingested = ensure_store(config.data)
-    splits = check_run(config)
+    if ingested or checked is None or not checked.fits(config):
+        checked = preflight(config)
+    splits = checked.splits
     client = connect()
     facts: dict[str, Any] = {
         "store": splits.train.path, "samples": splits.train.samples, "chunks": len(splits.train.chunks()),
@@ -68,4 +62,4 @@ def prepare_data(config: RunConfig, connect: Callable[[], Client]) -> dict[str, 
             raise DataError(f"data.normalize: store {config.data.store} is not a directory store")
         compute_normalization(client, config.data.store, config.data.inputs, splits.train_chunks)
         facts["normalized"] = True
-    return facts
+    return checked, facts

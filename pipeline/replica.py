@@ -1,8 +1,11 @@
 """The worker-resident model replica and the Dask tasks that drive it.
 
-Each worker holds one :class:`Replica` per run in ``_REPLICAS``, the project's only global
-mutable state: model, optimizer, and the feed of the worker's shards. The driver talks to it only
-through the module-level task functions below, each pinned to the replica's worker.
+Each worker holds one :class:`Replica` per run in ``_REPLICAS`` (worker-resident state, see
+:mod:`dasktrain.registry`): model, optimizer, and the feed of the worker's shards. The driver
+talks to it only through the module-level task functions below, each pinned to the replica's
+worker. What a step does with the model (binding gradients, seeding, loss, the non-finite policy,
+the optimizer step) is the worker step core's (:mod:`dasktrain.step_core`), shared with the
+pipeline stages.
 
 One step task (global step ``t``) does, in this order:
 
@@ -23,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,19 +40,18 @@ from dasktrain.errors import DasktrainError, NonFiniteLossError
 from dasktrain.feed import Batch, ShardFeed, join_batches, open_reader
 from dasktrain.ledger import append_entry
 from dasktrain.models import build_model
-from dasktrain.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
-from dasktrain.preflight import plan_for
+from dasktrain.objective import build_optimizer, prepare_batch
+from dasktrain.plan import plan_for
 from dasktrain.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
+from dasktrain.registry import Resident, release
 from dasktrain.running_stats import RunningStats
+from dasktrain.step_core import StepCore
 from dasktrain.store import Chunk, DatasetInfo
-from dasktrain.streams import needs_per_shard_forward, seed_unit
-
-if TYPE_CHECKING:
-    from dasktrain.collective import CollectiveGroup
+from dasktrain.streams import needs_per_shard_forward
 
 log = logging.getLogger(__name__)
 
-_REPLICAS: dict[str, Replica] = {}
+_REPLICAS: Resident[Replica] = Resident("replica", lambda replica: replica.close())
 """Replicas living in this worker process, by run id."""
 
 VAL_CACHE_BYTES = 256 * 2**20
@@ -105,8 +107,7 @@ class Replica:
         self.place = Placement(cfg.train.precision)
         self.model = self.place.model(build_model(cfg.model, cfg.train.seed))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.sizes = [p.numel() for p in self.params]
-        self.numel = sum(self.sizes)
+        self.numel = sum(p.numel() for p in self.params)
         self.running = RunningStats(self.model)
         self.width = self.numel + self.running.numel
         """Length of the flat buffer a step sums: gradients, then running-statistics updates."""
@@ -128,15 +129,12 @@ class Replica:
         self.lock = threading.Lock()
         """Held for every step and state query: a cancelled step still running finishes first."""
         self.plan = plan_for(cfg, spec.train_chunks)
+        self.core = StepCore(cfg, self.params, self.optimizer, self.plan)
         self.tree = ReductionTree(spec.tree_leaves, spec.fan_in)
         cache = ChunkCache(int(cfg.data.cache_limit_gib * 2**30), self.place.device) if cfg.data.cache else None
         self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs, cache)
         self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
         self._val_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
-        self.collective: CollectiveGroup | None = None
-        """The process group of ``reduce: collective`` (joined after the replica is built)."""
-        self.rendezvous: tuple[Any, int] | None = None
-        """On rank 0 of a collective run: the store the ranks meet through, and its generation."""
 
     # -- the step -------------------------------------------------------------------------
 
@@ -175,22 +173,15 @@ class Replica:
         # collective segments of LINEAGE_STEPS (64) each, with room to spare.
         self.history.pop(t - HISTORY_STEPS, None)
         flat = grad_sum / max(stats.count, 1)
-        finite = stats.nonfinite == 0 and bool(torch.isfinite(flat).all())
-        if not finite:
-            if self.spec.config.train.on_nan == "skip_step":
-                return  # every replica sees the same root, so every replica skips alike
+        try:
+            # Every replica sees the same root (sum and stats), so every replica decides alike.
+            apply = self.core.admit_update(t, flat, void=stats.nonfinite > 0, whole_model=True)
+        except NonFiniteLossError:
             self.applied = t
-            epoch, k = self.plan.locate(t)
-            raise NonFiniteLossError(
-                f"the gradient of global step {t} (epoch {epoch}, step {k}) is not finite; "
-                "the update was not applied"
-            )
-        self._bind_grads(flat)
-        lr = lr_at(self.spec.config, t, self.plan.steps_per_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        self.running.apply(flat[self.numel:])
+            raise
+        if apply:
+            self.core.update(t, flat)
+            self.running.apply(flat[self.numel:])
 
     def _compute(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
         """The worker's partial sums of step ``t``, as host tensors in the transfer dtype."""
@@ -241,13 +232,13 @@ class Replica:
         piece draws the same dropout masks whichever worker runs it."""
         cfg = self.spec.config
         flat = self.place.zeros(self.width)
-        self._bind_grads(flat)  # backward accumulates straight into the flat buffer
+        self.core.bind(flat)  # backward accumulates straight into the flat buffer
         stats_segment = flat[self.numel:]
         for u, (shard, (x_all, y_all)) in enumerate(units):
             pieces = min(cfg.train.accumulate, len(x_all))
             bounds = np.linspace(0, len(x_all), pieces + 1).round().astype(int)
             for piece, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-                seed_unit(cfg.train.seed, t, shard, piece)
+                self.core.seed(t, shard, piece)
                 self.running.begin_unit()
                 if not self._accumulate(x_all[lo:hi], y_all[lo:hi], t, stats):
                     # The step is void: the rest of its samples are counted all the same.
@@ -264,28 +255,15 @@ class Replica:
         try:
             with self.place.autocast():
                 out = self.model(x)
-            loss = loss_sum(kind, out.float(), y)
+            scored = self.core.score(out.float(), y)
         except (RuntimeError, ValueError, IndexError) as exc:
-            epoch, k = self.plan.locate(t)
             raise DasktrainError(
-                f"forward pass failed at global step {t} (epoch {epoch}, step {k}) on inputs of "
+                f"forward pass failed at {self.core.where(t)} on inputs of "
                 f"shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}: {exc}"
             ) from None
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            if self.spec.config.train.on_nan == "skip_step":
-                stats.nonfinite += 1
-                stats.count += len(x)
-                return False
-            epoch, k = self.plan.locate(t)
-            raise NonFiniteLossError(
-                f"loss is {value} at global step {t} (epoch {epoch}, step {k}) on shards "
-                f"{list(self.spec.shards)}; the update was not applied"
-            )
-        loss.backward()
-        stats.loss_sum += value
-        stats.count += len(x)
-        stats.correct += correct_count(kind, out.detach(), y)
+        if not self.core.admit_loss(scored, len(x), stats, t, f" on shards {list(self.spec.shards)}"):
+            return False
+        scored.loss.backward()
         return True
 
     def _record_ledger(self, t: int) -> None:
@@ -306,11 +284,6 @@ class Replica:
                 "applied": self.applied,
             }
 
-    def _bind_grads(self, flat: torch.Tensor) -> None:
-        """Make every parameter's ``.grad`` a view into ``flat``."""
-        for p, view in zip(self.params, flat[: self.numel].split(self.sizes)):
-            p.grad = view.view_as(p)
-
     # -- validation and checkpoints ---------------------------------------------------------
 
     def validate(self, stats: StepStats) -> None:
@@ -324,9 +297,10 @@ class Replica:
                                      self.place.to_device(y_np, "val_targets"))
                 with self.place.autocast():
                     out = self.model(x).float()
-                stats.val_loss_sum += float(loss_sum(kind, out, y))
+                scored = self.core.score(out, y)
+                stats.val_loss_sum += scored.value
                 stats.val_count += len(x)
-                stats.val_correct += correct_count(kind, out, y)
+                stats.val_correct += scored.correct
 
     def _val_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
         if self._val_cache is not None:
@@ -346,22 +320,19 @@ class Replica:
         if self.feed.cache is not None:
             log.info("chunk cache of run %s: %s", self.spec.run_id, self.feed.cache.stats())
         self.feed.close()
-        if self.collective is not None:
-            self.collective.close()
-            self.collective = None
-        self.rendezvous = None
 
 
 # -- Dask tasks (module-level so workers import them by reference) ---------------------------
 
 def create_replica(spec: ReplicaSpec, threads: int, state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build this worker's replica of a run (from ``state`` when given); returns facts for the log."""
-    old = _REPLICAS.pop(spec.run_id, None)
+    old = _REPLICAS.pop(spec.run_id)
     if old is not None:
         with old.lock:  # let a step still running on the old replica end first
             old.close()
+        release(spec.run_id)  # and what the worker kept beside it (its process group)
     replica = Replica(spec, threads, state)
-    _REPLICAS[spec.run_id] = replica
+    _REPLICAS.put(spec.run_id, replica)
     return {"parameters": replica.numel, "shards": list(spec.shards), "threads": torch.get_num_threads()}
 
 
@@ -398,10 +369,7 @@ def _to_host(value: Any) -> Any:
 
 def get_replica(run_id: str) -> Replica:
     """This worker's replica of ``run_id``; a clear error when it holds none."""
-    try:
-        return _REPLICAS[run_id]
-    except KeyError:
-        raise DasktrainError(f"this worker holds no replica of run {run_id} (was it restarted?)") from None
+    return _REPLICAS.get(run_id)
 
 
 def run_step(run_id: str, t: int, root: RootRecipe | None, sources: list[Partial], actions: StepActions) -> Partial:
@@ -417,7 +385,8 @@ def replica_state(run_id: str) -> dict[str, torch.Tensor]:
 
 def drop_replica(run_id: str) -> bool:
     """Free a run's replica (``Client.run`` on every worker, in the driver's ``finally``)."""
-    replica = _REPLICAS.pop(run_id, None)
+    replica = _REPLICAS.pop(run_id)
     if replica is not None:
         replica.close()
+    release(run_id)  # what the worker kept beside it (its process group)
     return replica is not None

@@ -22,43 +22,66 @@ inputs come from lower stages, backward inputs from higher ones, and both schedu
 stage's operations in micro-batch order), so there is no cycle of waits. Tensors travel worker
 to worker; the driver gets a dict of a dozen numbers per stage.
 
-Every wait has a deadline and ``abort`` (also ``async``) wakes any waiter, so a lost neighbour
-turns into an error, never a hang.
+Every wait has a deadline (``StageSpec.step_timeout_s``) and ``abort`` (also ``async``) wakes
+any waiter, so a lost neighbour turns into an error, never a hang.
+
+What a stage does with its layers (binding gradients, seeding, loss, the non-finite policy, the
+optimizer step) is the worker step core's (:mod:`dasktrain.step_core`), shared with the
+data-parallel replicas. A stage computes on its worker's device (its GPU, else the CPU); tensors
+travel between stages as host tensors, copied off the device before a ``put_*`` and onto it after
+a take.
+
+A non-finite loss under ``train.on_nan: skip_step`` is seen at the last stage of one replica, but
+the update must be skipped by every stage of every replica, or the stages' parts would drift
+apart. So the decision travels with the messages a step sends anyway: each gradient sent back
+carries a *void* flag (set from the micro-batch whose loss was not finite on), so every stage of
+that replica has it once its last backward is done; and each stage's gradient buffer sent to its
+peers carries it too, so the same stage of every replica ends with the same flag, as it ends with
+the same sum. A reduced gradient that is not finite while no loss was raises, under both policies.
+
+With ``validate``, after the update the stages run a forward-only pass over their replica's
+validation chunks, one micro-batch per chunk, through the same push mailboxes under their own key.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
 from dasktrain.allocator import keep_freed_memory
 from dasktrain.checkpoint import join_optimizer_state, split_optimizer_state, write_file_atomic
 from dasktrain.config import RunConfig
-from dasktrain.errors import CheckpointError, ClusterError, DasktrainError, DataError, NonFiniteLossError
-from dasktrain.normalize import Normalization, read_normalization
-from dasktrain.objective import build_optimizer, correct_count, loss_sum, lr_at, prepare_batch
-from dasktrain.plan import SamplingPlan
-from dasktrain.preflight import plan_for
-from dasktrain.reduce import sum_in_order
+from dasktrain.device import Placement
+from dasktrain.errors import CheckpointError, ClusterError, DasktrainError
+from dasktrain.feed import StepRows, open_reader
+from dasktrain.objective import build_optimizer, prepare_batch
+from dasktrain.plan import SamplingPlan, plan_for
+from dasktrain.reduce import StepStats, sum_in_order
 from dasktrain.stages import build_layers, full_key, local_key, stage_module
+from dasktrain.step_core import StepCore
 from dasktrain.store import Chunk, DatasetInfo
-from dasktrain.streams import seed_unit
 
 log = logging.getLogger(__name__)
 
 MAILBOX_TIMEOUT_S = 300.0
-"""Longest a stage waits for a neighbour's tensor before it gives up on the step."""
+"""Longest a stage waits for a neighbour's tensor before it gives up on the step, unless the
+spec sets ``step_timeout_s``."""
+VAL_CACHE_BYTES = 256 * 2**20
+"""Validation rows a stage keeps between validations (read again beyond this)."""
 
 Op = tuple[str, int]  # ("F" | "B", micro-batch)
 
@@ -110,10 +133,43 @@ class StageSpec:
     resume_from: str | None
     """Checkpoint directory holding this stage's part, or None for the seeded initial weights."""
     threads: int = 1
+    val_dataset: DatasetInfo | None = None
+    """The store the validation chunks are in (None: no validation)."""
+    val_chunks: tuple[Chunk, ...] = ()
+    """The validation chunks this pipeline replica evaluates (every stage of it gets the same)."""
+    step_timeout_s: float | None = None
+    """Longest a mailbox wait for a neighbour's tensor may take; None: :data:`MAILBOX_TIMEOUT_S`."""
+    start_step: int = 0
+    """The first global step this stage runs (the step of ``resume_from``): steps run in order from it."""
 
 
 class StageAborted(ClusterError):
     """The driver aborted this stage (a neighbour was lost); its step was not applied."""
+
+
+Key = tuple[str, int, int]
+"""A mailbox slot: (kind, global step, micro-batch or replica); kinds are ``act``, ``grad`` and
+``peer`` of training, ``val`` of validation, so the two never mix."""
+Message = tuple[torch.Tensor, bool]
+"""A tensor and its void flag: a loss of the step was not finite (``skip_step``), see the module docstring."""
+NOTHING = torch.zeros(0)
+"""What a stage sends back for a micro-batch of a void step: no gradient is needed."""
+
+
+@dataclass
+class _Pass:
+    """What a step's schedule left behind: the pushes still in flight, whether the step is void
+    (a loss was not finite under ``skip_step``), and its timings."""
+
+    sent: list[Any] = field(default_factory=list)
+    void: bool = False
+    busy_s: float = 0.0
+    """Seconds of compute, never of waiting."""
+    start: float = 0.0
+    """Wall-clock time of the first operation's start, and of the last one's end."""
+    end: float = 0.0
+    max_alive: int = 0
+    """Most micro-batch activations held at once (1F1B: at most P - stage; GPipe: m)."""
 
 
 class PipelineStage:
@@ -128,28 +184,39 @@ class PipelineStage:
         self.stages = len(spec.bounds)
         self.first, self.last = self.stage == 0, self.stage == self.stages - 1
         self.lo, self.hi = spec.bounds[self.stage]
+        # The worker's own GPU when it has one, else the CPU; fp32 (the config refuses the rest).
+        self.place = Placement("fp32")
         layers, _ = build_layers(cfg)
-        self.module = stage_module(layers, self.lo, self.hi)
+        self.module = self.place.model(stage_module(layers, self.lo, self.hi))
         del layers  # the other stages' layers are not ours to keep
-        self.params = [p for p in self.module.parameters() if p.requires_grad]
-        self.sizes = [p.numel() for p in self.params]
-        self.flat = torch.zeros(sum(self.sizes))
-        self.optimizer = build_optimizer(cfg.optimizer, self.params) if self.params else None
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        self.plan = plan_for(cfg, spec.train_chunks)
+        self.core = StepCore(cfg, params, build_optimizer(cfg.optimizer, params) if params else None, self.plan)
+        self.flat = self.place.zeros(self.core.numel)
+        """This stage's gradient sum of a step: backward of every micro-batch adds into it."""
         if spec.resume_from:
             self._load(Path(spec.resume_from))
-        self.plan = plan_for(cfg, spec.train_chunks)
+        self.timeout_s = spec.step_timeout_s or MAILBOX_TIMEOUT_S
         # Only the ends of the pipeline touch the store: inputs at the first, targets at the last.
-        norm = read_normalization(cfg.data.store, cfg.data.inputs) if self.first and cfg.data.normalize else None
-        self.inputs = _Samples(spec.dataset, spec.dataset.inputs.name, norm) if self.first else None
-        self.targets = _Samples(spec.dataset, spec.dataset.targets.name) if self.last else None
+        # They read as every consumer does (missing chunks named, data.normalize applied).
+        reader = open_reader(spec.dataset, cfg.data) if self.first or self.last else None
+        self.inputs = StepRows(reader, "inputs") if reader is not None and self.first else None
+        self.targets = StepRows(reader, "targets") if reader is not None and self.last else None
+        self._val_reader = (open_reader(spec.val_dataset, cfg.data)
+                            if spec.val_dataset is not None and spec.val_chunks and (self.first or self.last) else None)
+        self._val_cache: dict[int, np.ndarray] = {}
+        self._val_cached = 0
         self.prev: Any = None
         self.next: Any = None
         self.peers: list[Any] = []
-        self._box: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._box: dict[Key, Message] = {}
         self._cond = threading.Condition()
         self._aborted: str | None = None
-        self.max_alive = 0
-        """Most micro-batch activations this stage held at once, over the run (1F1B <= P, GPipe m)."""
+        self._next_step = spec.start_step
+        """The step whose ``run_step`` runs next: calls run one at a time, in step order."""
+        self._turn = asyncio.Condition()
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix=f"stage-{self.stage}-r{self.replica}")
+        """The thread steps run on; the worker's event loop stays free for the mailboxes."""
 
     # -- wiring and mailboxes (async: they run on the worker's event loop, never blocked) ----
 
@@ -159,26 +226,32 @@ class PipelineStage:
         return self.stage
 
     async def put_activation(self, t: int, j: int, x: torch.Tensor) -> None:
-        self._put(("act", t, j), x)
+        self._put(("act", t, j), (x, False))
 
-    async def put_grad(self, t: int, j: int, g: torch.Tensor) -> None:
-        self._put(("grad", t, j), g)
+    async def put_grad(self, t: int, j: int, g: torch.Tensor, void: bool = False) -> None:
+        self._put(("grad", t, j), (g, void))
 
-    async def put_peer_grad(self, t: int, replica: int, flat: torch.Tensor) -> None:
-        self._put(("peer", t, replica), flat)
+    async def put_peer_grad(self, t: int, replica: int, flat: torch.Tensor, void: bool = False) -> None:
+        self._put(("peer", t, replica), (flat, void))
+
+    async def put_val_activation(self, t: int, j: int, x: torch.Tensor) -> None:
+        self._put(("val", t, j), (x, False))
 
     async def abort(self, reason: str) -> None:
         with self._cond:
             self._aborted = reason
             self._cond.notify_all()
+        async with self._turn:  # steps waiting for their turn give up too
+            self._turn.notify_all()
 
-    def _put(self, key: tuple[str, int, int], value: torch.Tensor) -> None:
+    def _put(self, key: Key, value: Message) -> None:
         with self._cond:
             self._box[key] = value
             self._cond.notify_all()
 
-    def _take(self, key: tuple[str, int, int]) -> torch.Tensor:
-        deadline = time.monotonic() + MAILBOX_TIMEOUT_S
+    def _take(self, key: Key) -> Message:
+        """The message for ``key`` as sent (a host tensor); waits for it up to the step timeout."""
+        deadline = time.monotonic() + self.timeout_s
         with self._cond:
             while key not in self._box:
                 if self._aborted is not None:
@@ -187,10 +260,10 @@ class PipelineStage:
                 if left <= 0:
                     what, t, j = key
                     source = {"act": "activation from stage", "grad": "gradient from stage",
-                              "peer": "gradient buffer from replica"}[what]
-                    other = {"act": self.stage - 1, "grad": self.stage + 1, "peer": j}[what]
+                              "peer": "gradient buffer from replica", "val": "validation activation from stage"}[what]
+                    other = {"act": self.stage - 1, "grad": self.stage + 1, "peer": j, "val": self.stage - 1}[what]
                     raise ClusterError(
-                        f"stage {self.stage} (replica {self.replica}) waited {MAILBOX_TIMEOUT_S:.0f} s at "
+                        f"stage {self.stage} (replica {self.replica}) waited {self.timeout_s:.0f} s at "
                         f"global step {t} for the {source} {other} (micro-batch {j}); is that worker alive?"
                     )
                 self._cond.wait(min(left, 1.0))
@@ -198,143 +271,233 @@ class PipelineStage:
 
     # -- the step ----------------------------------------------------------------------------
 
-    def run_step(self, t: int, save_to: str | None = None) -> dict[str, Any]:
-        """Run this stage's schedule of global step ``t``, then its optimizer step; small stats back."""
+    async def run_step(self, t: int, save_to: str | None = None, validate: bool = False) -> dict[str, Any]:
+        """Global step ``t`` (see :meth:`step`), once step ``t - 1`` has run here.
+
+        The run loop submits steps ahead, and each call travels on a connection of its own, so
+        step ``t + 1`` may arrive before step ``t``: calls wait on the event loop for their turn
+        and run on this stage's compute thread, one at a time, in step order. A failed step
+        stops the ones behind it (their stage is not where they expect it)."""
+        async with self._turn:
+            await self._turn.wait_for(lambda: self._next_step >= t or self._aborted is not None)
         if self._aborted is not None:
             raise StageAborted(f"stage {self.stage} (replica {self.replica}) was aborted: {self._aborted}")
-        cfg = self.spec.config
-        par = cfg.parallel
+        if self._next_step != t:
+            raise DasktrainError(f"stage {self.stage} (replica {self.replica}) asked for global step {t} "
+                                 f"after it ran step {self._next_step - 1}")
+        try:
+            # With this call's context: the worker it runs on, which the neighbours' actor handles need.
+            context = contextvars.copy_context()
+            result: dict[str, Any] = await asyncio.get_running_loop().run_in_executor(
+                self._compute, functools.partial(context.run, self.step, t, save_to, validate))
+            return result
+        except BaseException:
+            with self._cond:
+                self._aborted = self._aborted or f"its global step {t} failed"
+            raise
+        finally:
+            async with self._turn:
+                self._next_step = t + 1
+                self._turn.notify_all()
+
+    def step(self, t: int, save_to: str | None = None, validate: bool = False) -> dict[str, Any]:
+        """Run this stage's schedule of global step ``t``, then its optimizer step; then, with
+        ``validate``, the forward-only pass over this replica's validation chunks, and with
+        ``save_to``, write this stage's part of the checkpoint there.
+
+        Returns small stats: ``stage``, ``replica``, ``loss_sum``, ``count``, ``correct`` and
+        ``nonfinite`` (micro-batches whose loss was not finite; the last stage's, 0 elsewhere),
+        ``val_loss_sum``, ``val_count``, ``val_correct`` (the last stage's, 0 elsewhere),
+        ``skipped`` (this stage skipped its update), ``data_wait_s``, ``chunks_read``,
+        ``busy_s`` (= ``compute_s``), ``micro_batches``, ``start``, ``end``, ``max_alive``.
+        """
+        if self._aborted is not None:
+            raise StageAborted(f"stage {self.stage} (replica {self.replica}) was aborted: {self._aborted}")
+        par = self.spec.config.parallel
         with self._cond:  # leftovers of a failed earlier step
             for key in [k for k in self._box if k[1] < t]:
                 del self._box[key]
         part, slices, count = step_slices(self.plan, t, par.data, self.replica, par.micro_batches)
+        stats = StepStats()
         wait0 = time.perf_counter()
         x_all = self.inputs.take(part) if self.inputs is not None else None
         y_all = self.targets.take(part) if self.targets is not None else None
-        stats: dict[str, Any] = {"stage": self.stage, "replica": self.replica, "loss_sum": 0.0, "count": 0,
-                                 "correct": 0, "data_wait_s": time.perf_counter() - wait0, "busy_s": 0.0,
-                                 "micro_batches": len(slices)}
+        stats.data_wait_s = time.perf_counter() - wait0
+        stats.chunks_read = sum(rows.take_reads() for rows in (self.inputs, self.targets) if rows is not None)
+        run = self._run_schedule(t, x_all, y_all, slices, stats)
+        total, void = self._reduce_across_replicas(t, run.sent, run.void)
+        mean = total / max(count, 1)
+        # Every replica's stage sees the same sum and the same void flag: all of them decide alike.
+        apply = self.core.admit_update(t, mean, void=void, whole_model=False,
+                                       what=f"the gradient of stage {self.stage} (layers {self.lo}..{self.hi - 1})")
+        if apply and self.core.optimizer is not None:
+            self.core.update(t, mean)
+        if validate:
+            self._validate(t, stats)
+        if save_to is not None:
+            self._save(Path(save_to))
+        stats.compute_s = run.busy_s
+        return {"stage": self.stage, "replica": self.replica, **stats.as_dict(), "busy_s": run.busy_s,
+                "start": run.start, "end": run.end, "max_alive": run.max_alive, "micro_batches": len(slices),
+                "skipped": not apply}
+
+    def _run_schedule(self, t: int, x_all: np.ndarray | None, y_all: np.ndarray | None, slices: list[slice],
+                      stats: StepStats) -> _Pass:
+        """Forwards and backwards of step ``t`` in schedule order, gradients summed into
+        ``self.flat``; the step is void when a loss was not finite under ``skip_step``, here or
+        (learnt from the gradients sent back) at a later stage."""
+        par = self.spec.config.parallel
         self.flat.zero_()
-        self._bind_grads(self.flat)  # backward accumulates every micro-batch straight into it
+        self.core.bind(self.flat)  # backward accumulates every micro-batch straight into it
         self.module.train()
-        sent: list[Any] = []
-        alive: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        peak = 0
-        start = end = time.time()
+        run = _Pass(start=time.time(), end=time.time())
+        alive: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        g_host = NOTHING
         first_op = True
         for op, j in schedule(par.schedule, self.stage, self.stages, len(slices)):
             # Wait for this op's input first: busy time counts compute only, never waiting.
             if op == "F":
                 x = self._input_of(t, j, x_all, slices)
-            grad = None if op == "F" or self.last else self._take(("grad", t, j))
+            elif not self.last:
+                g_host, flagged = self._take(("grad", t, j))
+                run.void = run.void or flagged
             t0 = time.perf_counter()
             if first_op:
-                start, first_op = time.time(), False
+                run.start, first_op = time.time(), False
             if op == "F":
                 # Dropout masks keyed by (step, micro-batch of the whole batch, stage): see pipeline/streams.py.
-                seed_unit(cfg.train.seed, t, self.replica * par.micro_batches + j, stage=self.stage)
+                self.core.seed(t, self.replica * par.micro_batches + j, stage=self.stage)
                 out = self._forward(t, j, x, y_all, slices, stats)
+                run.void = run.void or out is None
                 alive[j] = (x, out)
-                peak = max(peak, len(alive))
+                run.max_alive = max(run.max_alive, len(alive))
                 if not self.last:
-                    sent.append(self.next.put_activation(t, j, out.detach()))
+                    assert out is not None
+                    run.sent.append(self.next.put_activation(t, j, self.place.to_host(out.detach())))
             else:
                 x, out = alive.pop(j)
-                if out.requires_grad:
-                    torch.autograd.backward(out, grad)
+                # A void step is not updated anywhere: its backward is not worth running.
+                if not run.void and out is not None and out.requires_grad:
+                    torch.autograd.backward(out, None if self.last else self.place.from_host(g_host))
                 if not self.first:
-                    g = x.grad if x.grad is not None else torch.zeros_like(x)
-                    sent.append(self.prev.put_grad(t, j, g))
-            stats["busy_s"] += time.perf_counter() - t0
-            end = time.time()
-        stats.update(start=start, end=end, max_alive=peak)
-        self.max_alive = max(self.max_alive, peak)
-        total = self._reduce_across_replicas(t, sent)
-        self._apply(t, total, count)
-        if save_to is not None:
-            self._save(Path(save_to))
-        return stats
+                    # The void flag travels down with the gradients: every stage of this replica learns it.
+                    g = NOTHING if run.void else self.place.to_host(x.grad if x.grad is not None else torch.zeros_like(x))
+                    run.sent.append(self.prev.put_grad(t, j, g, run.void))
+            run.busy_s += time.perf_counter() - t0
+            run.end = time.time()
+        return run
 
     def _input_of(self, t: int, j: int, x_all: np.ndarray | None, slices: list[slice]) -> torch.Tensor:
         if self.first:
             assert x_all is not None
-            return torch.from_numpy(x_all[slices[j]]).to(torch.get_default_dtype())
+            return self.place.to_device(x_all[slices[j]], "inputs").to(torch.get_default_dtype())
         # The activation pushed by the previous stage; a leaf here, so backward fills its .grad.
-        return self._take(("act", t, j)).requires_grad_(True)
+        x, _ = self._take(("act", t, j))
+        return self.place.from_host(x).requires_grad_(True)
 
     def _forward(self, t: int, j: int, x: torch.Tensor, y_all: np.ndarray | None,
-                 slices: list[slice], stats: dict[str, Any]) -> torch.Tensor:
+                 slices: list[slice], stats: StepStats) -> torch.Tensor | None:
+        """This stage's layers on micro-batch ``j``; at the last stage, the loss sum, or None
+        when it is not finite under ``skip_step`` (``stop`` raises, naming the step)."""
         try:
             out = self.module(x)
+            if not self.last:
+                return out
+            assert y_all is not None
+            out, y = prepare_batch(self.spec.config.loss, out, self.place.to_device(y_all[slices[j]], "targets"))
+            scored = self.core.score(out, y)
         except (RuntimeError, ValueError, IndexError) as exc:
             raise DasktrainError(
                 f"stage {self.stage} (layers {self.lo}..{self.hi - 1}) failed at global step {t}, "
                 f"micro-batch {j}, on inputs of shape {tuple(x.shape)}: {exc}"
             ) from None
-        if not self.last:
-            return out
-        assert y_all is not None
-        kind = self.spec.config.loss
-        out, y = prepare_batch(kind, out, torch.from_numpy(y_all[slices[j]]))
-        loss = loss_sum(kind, out, y)
-        value = float(loss.detach())
-        if not np.isfinite(value):
-            epoch, k = self.plan.locate(t)
-            raise NonFiniteLossError(
-                f"loss is {value} at global step {t} (epoch {epoch}, step {k}), micro-batch {j}; "
-                "the update was not applied"
-            )
-        stats["loss_sum"] += value
-        stats["count"] += len(y)
-        stats["correct"] += correct_count(kind, out.detach(), y)
-        return loss
+        if not self.core.admit_loss(scored, len(y), stats, t, f", micro-batch {j}"):
+            return None
+        return scored.loss
 
-    def _reduce_across_replicas(self, t: int, sent: list[Any]) -> torch.Tensor:
-        """Sum of this stage's gradient buffers over all replicas, in replica order (same bits everywhere)."""
+    def _reduce_across_replicas(self, t: int, sent: list[Any], void: bool) -> tuple[torch.Tensor, bool]:
+        """Sum of this stage's gradient buffers over all replicas, in replica order (the same bits
+        everywhere), and whether any replica's step was void (then all of them skip the update)."""
         if len(self.peers) > 1:
+            flat = self.place.to_host(self.flat)
             for r, peer in enumerate(self.peers):
                 if r != self.replica:
-                    sent.append(peer.put_peer_grad(t, self.replica, self.flat))
+                    sent.append(peer.put_peer_grad(t, self.replica, flat, void))
         # Our pushes must have landed before the buffers they read are reused.
         for future in sent:
-            future.result(timeout=MAILBOX_TIMEOUT_S)
+            future.result(timeout=self.timeout_s)
         if len(self.peers) <= 1:
-            return self.flat
-        parts = [self.flat if r == self.replica else self._take(("peer", t, r)) for r in range(len(self.peers))]
-        return sum_in_order(parts)
+            return self.flat, void
+        parts = []
+        for r in range(len(self.peers)):
+            if r == self.replica:
+                parts.append(self.flat)
+                continue
+            theirs, flagged = self._take(("peer", t, r))
+            void = void or flagged
+            parts.append(self.place.from_host(theirs))
+        return sum_in_order(parts), void
 
-    def _apply(self, t: int, total: torch.Tensor, count: int) -> None:
-        """Optimizer step with the global mean gradient of step ``t`` (loss sums / global count)."""
-        if self.optimizer is None or count == 0:
-            return
-        grad = total / count
-        if not bool(torch.isfinite(grad).all()):
-            raise NonFiniteLossError(
-                f"the gradient of stage {self.stage} at global step {t} is not finite; the update was not applied"
-            )
-        self._bind_grads(grad)
-        lr = lr_at(self.spec.config, t, self.plan.steps_per_epoch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
+    # -- validation --------------------------------------------------------------------------
 
-    def _bind_grads(self, flat: torch.Tensor) -> None:
-        for p, view in zip(self.params, flat.split(self.sizes)):
-            p.grad = view.view_as(p)
+    def _validate(self, t: int, stats: StepStats) -> None:
+        """Forward-only pass of the weights after step ``t`` over this replica's validation
+        chunks, one micro-batch per chunk flowing stage to stage as in training (mailbox kind
+        ``val``); the last stage adds the loss sums into ``stats``."""
+        chunks = self.spec.val_chunks if self.spec.val_dataset is not None else ()
+        kind = self.spec.config.loss
+        sent: list[Any] = []
+        self.module.eval()
+        try:
+            with torch.no_grad():
+                for j, chunk in enumerate(chunks):
+                    if self.first:
+                        x = self.place.to_device(self._val_rows(chunk), "val_inputs").to(torch.get_default_dtype())
+                    else:
+                        x = self.place.from_host(self._take(("val", t, j))[0])
+                    try:
+                        out = self.module(x)
+                        if self.last:
+                            out, y = prepare_batch(kind, out, self.place.to_device(self._val_rows(chunk), "val_targets"))
+                            scored = self.core.score(out, y)
+                    except (RuntimeError, ValueError, IndexError) as exc:
+                        raise DasktrainError(
+                            f"stage {self.stage} (layers {self.lo}..{self.hi - 1}) failed validating after global "
+                            f"step {t}, on validation chunk {chunk.index} (inputs of shape {tuple(x.shape)}): {exc}"
+                        ) from None
+                    if self.last:
+                        stats.val_loss_sum += scored.value
+                        stats.val_count += len(y)
+                        stats.val_correct += scored.correct
+                    else:
+                        sent.append(self.next.put_val_activation(t, j, self.place.to_host(out)))
+            for future in sent:
+                future.result(timeout=self.timeout_s)
+        finally:
+            self.module.train()
+
+    def _val_rows(self, chunk: Chunk) -> np.ndarray:
+        """This stage's array of a validation chunk (inputs at the first, targets at the last);
+        kept between validations while they fit in :data:`VAL_CACHE_BYTES`."""
+        if chunk.index in self._val_cache:
+            return self._val_cache[chunk.index]
+        assert self._val_reader is not None
+        rows = self._val_reader.read_inputs(chunk) if self.first else self._val_reader.read_targets(chunk)
+        if self._val_cached + rows.nbytes <= VAL_CACHE_BYTES:
+            self._val_cache[chunk.index] = rows
+            self._val_cached += rows.nbytes
+        return rows
 
     # -- state and checkpoints ---------------------------------------------------------------
 
     def state(self) -> dict[str, torch.Tensor]:
-        """This stage's weights under the full model's key names (fetched once, at the end)."""
-        return {full_key(self.lo, k): v.detach().clone() for k, v in self.module.state_dict().items()}
-
-    def info(self) -> dict[str, Any]:
-        return {"stage": self.stage, "replica": self.replica, "layers": [self.lo, self.hi],
-                "parameters": int(self.flat.numel()), "max_alive": self.max_alive}
+        """This stage's weights under the full model's key names, on the host (fetched once, at the end)."""
+        return {full_key(self.lo, k): v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
     def _save(self, directory: Path) -> None:
         name = f"stage-{self.stage}"
-        opt_tensors, opt_rest = split_optimizer_state(self.optimizer.state_dict()) if self.optimizer else ({}, {})
+        optimizer = self.core.optimizer
+        opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict()) if optimizer else ({}, {})
         write_file_atomic(directory / f"{name}.model.safetensors", dump_tensors(
             {k: v.contiguous() for k, v in self.state().items()}))
         write_file_atomic(directory / f"{name}.optimizer.safetensors", dump_tensors(opt_tensors))
@@ -348,43 +511,7 @@ class PipelineStage:
             opt_rest = json.loads((directory / f"{name}.json").read_text())["optimizer"]
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"checkpoint {directory}: part of stage {self.stage} is unreadable: {exc}") from None
+        # load_state_dict copies onto the parameters' device (the optimizer's state too).
         self.module.load_state_dict({local_key(self.lo, k): v for k, v in model.items()})
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(join_optimizer_state(opt_tensors, opt_rest))
-
-
-class _Samples:
-    """Rows of one store array by sample index, read chunk-aligned; keeps the last step's chunks."""
-
-    def __init__(self, info: DatasetInfo, name: str, normalization: Normalization | None = None) -> None:
-        self.info = info
-        self.normalization = normalization
-        """``data.normalize``: applied to every chunk as read, exactly as the data-parallel readers do."""
-        array = zarr.open_group(info.path, mode="r")[name]
-        assert isinstance(array, zarr.Array)  # open_dataset checked it
-        self.array = array
-        self.size = info.chunk_size
-        self._cache: dict[int, np.ndarray] = {}
-
-    def take(self, indices: np.ndarray) -> np.ndarray:
-        which = indices // self.size
-        needed = [int(c) for c in np.unique(which)]
-        # A shard's window spans consecutive steps: keep what this step needs, drop the rest.
-        self._cache = {c: self._cache[c] if c in self._cache else self._read(c) for c in needed}
-        dtype = np.float32 if self.normalization is not None else self.array.dtype
-        out = np.empty((len(indices), *self.array.shape[1:]), dtype=dtype)
-        for c in needed:
-            mask = which == c
-            out[mask] = self._cache[c][indices[mask] - c * self.size]
-        return out
-
-    def _read(self, c: int) -> np.ndarray:
-        start, stop = c * self.size, min((c + 1) * self.size, self.info.samples)
-        try:
-            data = np.asarray(self.array[start:stop])
-        except Exception as exc:
-            raise DataError(
-                f"cannot read chunk {c} (samples {start}-{stop}) of array '{self.array.basename}' in store "
-                f"{self.info.path}: {type(exc).__name__}: {exc}"
-            ) from None
-        return self.normalization.apply(data) if self.normalization is not None else data
+        if self.core.optimizer is not None:
+            self.core.optimizer.load_state_dict(join_optimizer_state(opt_tensors, opt_rest))

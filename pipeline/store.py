@@ -170,7 +170,16 @@ class ChunkReader:
         self._targets = cast(zarr.Array, group[info.targets.name])
 
     def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-        return self._read(self._inputs, chunk), self._read(self._targets, chunk)
+        """Inputs and targets of ``chunk``."""
+        return self.read_inputs(chunk), self.read_targets(chunk)
+
+    def read_inputs(self, chunk: Chunk) -> np.ndarray:
+        """The inputs of ``chunk`` alone (a pipeline's first stage needs no targets)."""
+        return self._read(self._inputs, chunk)
+
+    def read_targets(self, chunk: Chunk) -> np.ndarray:
+        """The targets of ``chunk`` alone (a pipeline's last stage needs no inputs)."""
+        return self._read(self._targets, chunk)
 
     def _read(self, arr: zarr.Array, chunk: Chunk) -> np.ndarray:
         # Zarr reads a missing chunk as fill values; training on those would be silent damage.

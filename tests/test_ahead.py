@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dasktrain.driver import train
+from dasktrain.run_loop import train
 from tests.helpers import local_client, run_config
 
 pytestmark = pytest.mark.timeout(180)

@@ -19,11 +19,11 @@ import zarr
 
 from dasktrain.cache import ChunkCache
 from dasktrain.device import Placement
-from dasktrain.driver import train
 from dasktrain.feed import Batch, ShardFeed, join_batches
 from dasktrain.metrics import read_metrics
 from dasktrain.plan import SamplingPlan
 from dasktrain.preflight import build_plan, resolve_splits
+from dasktrain.run_loop import train
 from dasktrain.store import Chunk, ChunkReader, DatasetInfo, open_dataset
 from tests.helpers import local_client, plan_batches, run_config, saved_weights, synthetic_store
 from tests.reference import max_relative_error, reference_weights

@@ -295,13 +295,17 @@ def test_run_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path: Pat
 
 
 def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--set, --resume and --until-epoch reach train(); every event kind is drawn; a stopped
+    """--set, --resume and --until-epoch reach train(); the YAML is read once and the flow gets
+    the validated config with the checks the CLI made; every event kind is drawn; a stopped
     run's summary says how to go on."""
+    import contextlib
+
+    import dasktrain.config
     import dasktrain.flows.training
-    import dasktrain.prepare
+    import dasktrain.preflight
     from dasktrain.cli import app
-    from dasktrain.driver import RunResult
     from dasktrain.metrics import MetricsLog
+    from dasktrain.run_loop import RunResult
 
     calls = []
 
@@ -325,14 +329,27 @@ def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pyt
         on_event({"kind": "end", "completed": False, "steps": 3, "epochs": [epoch]})
         return RunResult(run_dir, 3, False, [epoch])
 
-    def fake_run_training(config_path, overrides, resume=False, until_epoch=None, on_event=None):  # noqa: ANN001, ANN202
+    checked = object()  # what the CLI's preflight found (no data/digits.zarr is opened here)
+    reads = []
+
+    def fake_flow(config, overrides, resume, until_epoch):  # noqa: ANN001, ANN202
         # `run` runs the Prefect flow, whose stages test_flows.py tests; here only the CLI around it.
-        result = fake_train(load_config(config_path, overrides), resume=resume, until_epoch=until_epoch, on_event=on_event)
+        # The config as read, handed over as a mapping (flow parameters are JSON), not a path to read again.
+        assert isinstance(config, dict) and overrides == []
+        assert dasktrain.flows.training.HANDED_PREFLIGHT is checked
+        config = dasktrain.config.validate_config(config, source="flow parameter config")
+        result = fake_train(config, resume=resume, until_epoch=until_epoch, on_event=dasktrain.flows.training.EVENT_HOOK)
         return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
                 "epochs": result.epochs}
 
-    monkeypatch.setattr(dasktrain.flows.training, "run_training", fake_run_training)
-    monkeypatch.setattr(dasktrain.prepare, "preflight", lambda config: None)  # no data/digits.zarr here
+    def counted_load(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        reads.append(args)
+        return load_config(*args, **kwargs)
+
+    monkeypatch.setattr(dasktrain.flows.training, "training_flow", fake_flow)
+    monkeypatch.setattr(dasktrain.flows.training, "prefect_api", lambda db_dir: contextlib.nullcontext(str(db_dir)))
+    monkeypatch.setattr(dasktrain.preflight, "preflight", lambda config: checked)
+    monkeypatch.setattr(dasktrain.config, "load_config", counted_load)
     # The app sets up logging and the workers' environment for its process: keep them to this test.
     monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     monkeypatch.setattr(logging.root, "level", logging.root.level)
@@ -344,6 +361,8 @@ def test_run_passes_flags_and_draws_every_event(tmp_path: Path, monkeypatch: pyt
     assert result.exit_code == 0, result.output
     ((config, resume, until_epoch),) = calls
     assert config.output_dir == str(out) and config.train.epochs == 4 and resume and until_epoch == 1
+    assert len(reads) == 1  # the YAML, read once
+    assert dasktrain.flows.training.HANDED_PREFLIGHT is None  # handed for the run only
     text = result.output
     assert "2 worker(s), 3 steps per epoch" in text
     assert "epoch 1/4  train loss 1.5000  val loss 1.2500  val accuracy 50.0%" in text

@@ -26,9 +26,9 @@ from distributed.comm import connect
 
 from dasktrain.cluster import open_cluster
 from dasktrain.config import ClusterConfig, validate_config
-from dasktrain.driver import train
 from dasktrain.errors import ClusterError, ConfigError
 from dasktrain.ingest import example_arrays, write_store
+from dasktrain.run_loop import train
 from tests.helpers import run_config
 from tests.processes import dask_processes
 
@@ -220,7 +220,7 @@ def test_inline_keys_override_the_spec_file_and_set_overrides_work(tmp_path: Pat
     from dasktrain.config import load_config
 
     run = tmp_path / "run.yaml"
-    run.write_text(yaml.safe_dump({"data": {"store": "x"}, "model": {"factory": "m:f"},
+    run.write_text(yaml.safe_dump({"data": {"store": "x"}, "model": {"factory": "m:f"}, "train": {"shards": 8},
                                    "cluster": {"spec": "slurm", "jobqueue": {"queue": "gpu"}}}))
     cluster = load_config(run, ["cluster.workers=8", "cluster.jobqueue.cores=4"]).cluster
     assert (cluster.kind, cluster.workers, cluster.spec and Path(cluster.spec).name) == ("slurm", 8, "slurm.yaml")

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 import zarr
 
 from dasktrain.config import load_config
-from dasktrain.driver import train
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
+from dasktrain.run_loop import train
 from tests.helpers import local_client, plan_batches, plan_shard_batches, run_config, saved_weights
 from tests.reference import build_model, max_relative_error, reference_weights
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dasktrain.checkpoint import latest_checkpoint
-from dasktrain.driver import train
+from dasktrain.run_loop import train
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(300)

@@ -21,7 +21,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from dasktrain import driver
+from dasktrain import run_loop
 from dasktrain.errors import ConfigError, ShapeMismatchError
 from dasktrain.flows import PrefectAPIError
 from dasktrain.flows.training import run_training, training_flow
@@ -132,7 +132,7 @@ def test_train_stage_retried_resumes_from_its_checkpoint(store: Path, tmp_path: 
                                             "hidden": [32]}})
 
     with local_client(2) as client:
-        driver.train(config_for(tmp_path / "clean"), client=client)
+        run_loop.train(config_for(tmp_path / "clean"), client=client)
 
     flag.write_text("armed")
     faulty = config_for(tmp_path / "faulty")

@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from dasktrain.driver import train
-from dasktrain.ledger import check_exactly_once
+from dasktrain.run_loop import train
 from tests.helpers import local_client, run_config, saved_weights
+from tests.ledger_check import check_exactly_once
 from tests.reference import max_relative_error
 from tests.test_faults import regroups, training_samples
 

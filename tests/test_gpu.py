@@ -101,7 +101,7 @@ def _gpu_workers() -> int:
 def test_local_cuda_trains_with_one_worker_per_gpu(digits: Path, tmp_path: Path) -> None:
     pytest.importorskip("dask_cuda", reason="local-cuda needs dask-cuda")
     from dasktrain.cluster import open_cluster
-    from dasktrain.driver import train
+    from dasktrain.run_loop import train
 
     n = _gpu_workers()
     config = run_config(digits, tmp_path / "run", train={"epochs": 2, "batch_size": 100, "shards": 4, "seed": 3},
@@ -124,7 +124,7 @@ def test_local_cuda_trains_with_one_worker_per_gpu(digits: Path, tmp_path: Path)
 def test_bf16_training_on_local_cuda(digits: Path, tmp_path: Path) -> None:
     pytest.importorskip("dask_cuda", reason="local-cuda needs dask-cuda")
     from dasktrain.config import TrainConfig
-    from dasktrain.driver import train
+    from dasktrain.run_loop import train
 
     if "precision" not in TrainConfig.model_fields:
         pytest.skip("train.precision is not in TrainConfig yet (dasktrain.device is not wired into the replica)")

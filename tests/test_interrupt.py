@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from dasktrain.config import load_config
-from dasktrain.driver import train
+from dasktrain.run_loop import train
 from tests.helpers import local_client, saved_weights
 
 pytestmark = pytest.mark.timeout(300)

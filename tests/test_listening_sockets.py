@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from dasktrain.cluster import open_cluster
-from dasktrain.driver import train
 from dasktrain.errors import ConfigError
+from dasktrain.run_loop import train
 from tests.helpers import run_config
 
 Socket = tuple[int, str, int]

@@ -11,13 +11,19 @@ from __future__ import annotations
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 from distributed import Client
 
 from dasktrain.checkpoint import latest_checkpoint, list_checkpoints
-from dasktrain.driver import train
+from dasktrain.config import validate_config
 from dasktrain.errors import ClusterError, ConfigError
+from dasktrain.ingest import write_store
+from dasktrain.metrics import read_metrics
+from dasktrain.normalize import compute_normalization
+from dasktrain.preflight import resolve_splits
+from dasktrain.run_loop import train
 from dasktrain.stage_actor import schedule
 from dasktrain.stages import balanced_bounds
 from tests.helpers import local_client, plan_batches, run_config, saved_weights, synthetic_store
@@ -43,10 +49,13 @@ def client():
 
 
 def pp_config(store, out, **parallel):
+    # The cluster the config would start has one worker per stage (the config refuses fewer);
+    # the tests run it on the module's client instead, whose size the run checks when it starts.
+    stages = parallel.get("pipeline", 1) * parallel.get("data", 1)
     return run_config(store, out, model=MLP, optimizer={"name": "adamw", "lr": 0.01, "weight_decay": 0.01},
                       schedule={"name": "warmup_cosine", "warmup_steps": 2},
                       train={"epochs": 1, "batch_size": 40, "shards": 2, "seed": 1},
-                      parallel=parallel)
+                      cluster={"workers": max(2, stages)}, parallel=parallel)
 
 
 def steps_of(events):
@@ -92,6 +101,30 @@ def test_dp_x_pp_equals_single_process(store, client, tmp_path):
     train(config, client=client, on_event=events.append)
     assert len(steps_of(events)[0]["stage_busy_s"]) == 4  # 2 replicas x 2 stages ran every step
     assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_pp_with_normalize_equals_single_process_on_standardised_inputs(client, tmp_path):
+    # data.normalize holds in pipeline mode: stage 0 reads its inputs standardised, as replicas do.
+    rng = np.random.default_rng(4)
+    targets = rng.integers(0, 4, size=240)
+    blobs = rng.normal(size=(4, 16))[targets] + rng.normal(scale=0.5, size=(240, 16))
+    inputs = (blobs * rng.uniform(0.5, 20.0, size=16) + rng.uniform(-10.0, 10.0, size=16)).astype(np.float32)
+    store = write_store(tmp_path / "scaled.zarr", {"inputs": inputs, "targets": targets}, chunk_size=40)
+    raw = pp_config(store, tmp_path / "run", pipeline=2, micro_batches=4).model_dump(mode="json")
+    config = validate_config({**raw, "data": {"store": str(store), "normalize": True}})
+    # The flow's prepare stage computes the statistics on the cluster; here, on the module's client.
+    compute_normalization(client, str(store), "inputs", resolve_splits(config).train_chunks)
+    train(config, client=client)
+
+    x = inputs.astype(np.float64)  # every chunk trains: no validation split
+    standard = ((x - x.mean(axis=0)) / x.std(axis=0)).astype(np.float32)
+    plain = write_store(tmp_path / "standard.zarr", {"inputs": standard, "targets": targets}, chunk_size=40)
+    got = saved_weights(tmp_path / "run")
+    expected = reference_weights(validate_config({**raw, "data": {"store": str(plain)}}), plan_batches(config))
+    assert max_relative_error(got, expected) < 1e-5
+    unscaled = reference_weights(validate_config(raw), plan_batches(config))
+    assert max_relative_error(got, unscaled) > 1e-2  # the inputs were standardised, not read raw
 
 
 # -- 2. 1F1B holds at most P activations, GPipe m ---------------------------------------------
@@ -220,8 +253,11 @@ def test_lost_stage_is_recreated_and_the_run_finishes(store, client, tmp_path):
     assert result.completed and "pid" in killed
     steps = steps_of(events)
     assert steps[-1]["recoveries"] == 1
-    # Re-done from the checkpoint of step 6: steps 6.. appear twice in the events, once in the metrics.
-    assert [s["global_step"] for s in steps].count(6) == 2
+    # Re-done from the checkpoint of step 6: the steps after it are computed twice, recorded once.
+    (regroup,) = [e for e in events if e["kind"] == "regroup"]
+    assert regroup["global_step"] == 6 and regroup["lost"] == [killed["addr"]]
+    assert [s["global_step"] for s in steps] == list(range(12))
+    assert [r["global_step"] for r in read_metrics(tmp_path / "killed") if r["kind"] == "step"] == list(range(12))
     assert [p.name for p in list_checkpoints(tmp_path / "killed")][-1] == "step-00000012"
     whole, killed_run = saved_weights(tmp_path / "whole"), saved_weights(tmp_path / "killed")
     assert all(torch.equal(whole[k], killed_run[k]) for k in whole)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dasktrain.driver import train
 from dasktrain.metrics import read_metrics
+from dasktrain.run_loop import train
 from tests.helpers import local_client, plan_batches, run_config, saved_weights
 from tests.reference import max_relative_error, reference_weights
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dasktrain.driver import train
 from dasktrain.errors import ConfigError, NonFiniteLossError
 from dasktrain.ingest import example_arrays, write_store
-from dasktrain.ledger import check_exactly_once
 from dasktrain.metrics import read_metrics
 from dasktrain.preflight import build_plan, resolve_splits
+from dasktrain.run_loop import train
 from tests.helpers import local_client, plan_batches, run_config, saved_weights
+from tests.ledger_check import check_exactly_once
 from tests.reference import max_relative_error, reference_weights
 from tests.test_faults import kill_worker_at, regroups, training_samples
 

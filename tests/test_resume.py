@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from dasktrain.checkpoint import list_checkpoints, load_checkpoint
-from dasktrain.driver import train
 from dasktrain.errors import CheckpointError
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
+from dasktrain.run_loop import train
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(240)

@@ -36,11 +36,12 @@ import torch
 from dasktrain import run_lock
 from dasktrain.checkpoint import DATA_LAYOUT, DataChangedError, latest_checkpoint
 from dasktrain.config import RunConfig
-from dasktrain.driver import prepare_run_dir, train
 from dasktrain.inference import predict
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
+from dasktrain.run_dir import prepare_run_dir
 from dasktrain.run_lock import LOCK_FILE, Holder, RunDirLockedError
+from dasktrain.run_loop import train
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(240)
@@ -51,7 +52,7 @@ RUNNER = """
 import sys
 from distributed import Client
 from dasktrain.config import load_config
-from dasktrain.driver import train
+from dasktrain.run_loop import train
 
 with Client(sys.argv[2], timeout=60) as client:
     train(load_config(sys.argv[1]), client=client)

@@ -10,7 +10,7 @@ import pytest
 from distributed import Client
 from distributed.comm import tcp
 
-from dasktrain.driver import train
+from dasktrain.run_loop import train
 from tests.helpers import run_config, synthetic_store
 from tests.processes import dask_processes
 

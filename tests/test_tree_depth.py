@@ -20,8 +20,8 @@ import zarr
 from distributed import Client, get_task_stream
 from torch import nn
 
-from dasktrain.driver import train
 from dasktrain.preflight import build_plan, resolve_splits
+from dasktrain.run_loop import train
 from tests.helpers import local_client, run_config, saved_weights
 
 pytestmark = pytest.mark.timeout(300)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from dasktrain.checkpoint import latest_checkpoint, load_checkpoint
-from dasktrain.driver import train
 from dasktrain.metrics import read_metrics
+from dasktrain.run_loop import train
 from tests import helpers
 from tests.test_cli import dasktrain, error_line, run_config
 

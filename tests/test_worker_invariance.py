@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dasktrain.driver import train
 from dasktrain.ingest import example_arrays, write_store
+from dasktrain.run_loop import train
 from tests.helpers import local_client, plan_shard_batches, run_config, saved_weights
 from tests.reference import max_relative_error, reference_weights
 

@@ -1,0 +1,127 @@
+"""The worker step core: what a data-parallel replica and a pipeline stage do alike in a step.
+
+A replica holds the whole model, a pipeline stage a contiguous part of its layers; either way one
+training step on a worker is made of the same pieces, kept here so the two cannot drift apart:
+
+- the parameters' ``.grad`` are views into one flat fp32 buffer, so backward accumulates every
+  micro-batch straight into the buffer that is then summed across workers (no copy per step);
+- before each forward unit the random stream is reseeded from what the unit *is* (step, shard
+  or micro-batch, piece, stage), never from where it runs (see :mod:`dasktrain.streams`);
+- the loss is a sum over samples, with its correct count (see :mod:`dasktrain.objective`), so
+  dividing the summed gradient by the global sample count gives the global batch's mean;
+- the non-finite policy (``train.on_nan``): ``stop`` raises :class:`NonFiniteLossError` naming
+  the step; ``skip_step`` counts the micro-batch and voids the step, whose update is then skipped
+  by every worker alike;
+- the optimizer step with the scheduled learning rate of the step's gradient.
+
+What stays with the caller: where the data comes from, how micro-batches are scheduled, and how
+gradients are summed across workers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dasktrain.config import RunConfig
+from dasktrain.errors import NonFiniteLossError
+from dasktrain.objective import correct_count, loss_sum, lr_at
+from dasktrain.plan import SamplingPlan
+from dasktrain.reduce import StepStats
+from dasktrain.streams import seed_unit
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One micro-batch's loss: the tensor backward starts from, its value, and the correct count."""
+
+    loss: torch.Tensor
+    value: float
+    correct: int
+
+
+class StepCore:
+    """The trainable parameters of one worker's model (or model part), their optimizer, and the
+    run's sampling plan (for the learning-rate schedule and for naming steps in errors)."""
+
+    def __init__(self, config: RunConfig, params: list[nn.Parameter], optimizer: torch.optim.Optimizer | None,
+                 plan: SamplingPlan) -> None:
+        self.config = config
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.numel = sum(self.sizes)
+        """Gradient entries at the head of a flat buffer (a replica appends running statistics)."""
+        self.optimizer = optimizer
+        """None for a part without trainable parameters (a pipeline stage of activations only)."""
+        self.plan = plan
+
+    def where(self, t: int) -> str:
+        """Global step ``t`` as errors name it, with its epoch and step within the epoch."""
+        epoch, k = self.plan.locate(t)
+        return f"global step {t} (epoch {epoch}, step {k})"
+
+    def bind(self, flat: torch.Tensor) -> None:
+        """Make every parameter's ``.grad`` a view into the head of ``flat``: backward then adds
+        into the buffer the workers sum, and the optimizer reads the reduced one in place."""
+        for p, view in zip(self.params, flat[: self.numel].split(self.sizes)):
+            p.grad = view.view_as(p)
+
+    def seed(self, t: int, unit: int, piece: int = 0, stage: int = 0) -> None:
+        """Reseed the random stream for one forward unit of step ``t``: a shard (data parallel) or
+        a micro-batch of the global batch (pipeline), a piece of it, the stage that runs it."""
+        seed_unit(self.config.train.seed, t, unit, piece, stage)
+
+    def score(self, out: torch.Tensor, y: torch.Tensor) -> Scored:
+        """Loss sum and correct count of fp32 outputs ``out`` against targets ``y``."""
+        loss = loss_sum(self.config.loss, out, y)
+        return Scored(loss, float(loss.detach()), correct_count(self.config.loss, out.detach(), y))
+
+    def admit_loss(self, scored: Scored, samples: int, stats: StepStats, t: int, detail: str = "") -> bool:
+        """Count one micro-batch of step ``t`` into ``stats`` under ``train.on_nan``.
+
+        True: its loss is finite and counted; backward may start from it. False (``skip_step``):
+        it is not, the samples and ``nonfinite`` are counted but not the loss; the caller voids
+        the step (no backward from it, no update). ``stop`` raises :class:`NonFiniteLossError`
+        naming the step (``detail`` adds where in it, e.g. the shards or the micro-batch).
+        """
+        if math.isfinite(scored.value):
+            stats.loss_sum += scored.value
+            stats.count += samples
+            stats.correct += scored.correct
+            return True
+        if self.config.train.on_nan == "skip_step":
+            stats.nonfinite += 1
+            stats.count += samples
+            return False
+        raise NonFiniteLossError(f"loss is {scored.value} at {self.where(t)}{detail}; the update was not applied")
+
+    def admit_update(self, t: int, mean: torch.Tensor, *, void: bool, whole_model: bool,
+                     what: str = "the gradient") -> bool:
+        """Whether the update of step ``t`` with the reduced gradient ``mean`` is made.
+
+        ``void``: a loss of the step was not finite somewhere (counted under ``skip_step``): every
+        worker learns it with the reduced step and skips alike. Otherwise a non-finite ``mean``
+        is skipped under ``skip_step`` only when it is the ``whole_model``'s gradient, which every
+        replica sees alike; a pipeline stage holds one part of the model, and skipping one part
+        while the others update would diverge silently, so it raises, as ``stop`` always does.
+        """
+        if void:
+            return False
+        if bool(torch.isfinite(mean).all()):
+            return True
+        if whole_model and self.config.train.on_nan == "skip_step":
+            return False
+        raise NonFiniteLossError(f"{what} of {self.where(t)} is not finite; the update was not applied")
+
+    def update(self, t: int, mean: torch.Tensor) -> None:
+        """Optimizer step with ``mean``, the global mean gradient of step ``t`` (on the
+        parameters' device), at the learning rate the schedule gives step ``t``."""
+        assert self.optimizer is not None, "a part without parameters has nothing to update"
+        self.bind(mean)
+        lr = lr_at(self.config, t, self.plan.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
