@@ -83,3 +83,18 @@ def test_run_trains_the_users_model_beside_the_users_packages(user_project: Path
     # The user's tiny model, built by the workers from the user's pipeline package.
     assert {k: tuple(v.shape) for k, v in weights.items()} == {
         "0.weight": (24, 64), "0.bias": (24,), "2.weight": (10, 24), "2.bias": (10,)}
+
+
+@pytest.mark.timeout(120)
+def test_a_config_with_the_old_module_names_gets_one_line_naming_the_new_spelling(digits_store: Path,
+                                                                                   tmp_path: Path) -> None:
+    # No package named pipeline here: the old built-in spelling must say what it is called now.
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([*dasktrain_command(), "run", str(DIGITS), "--set", f"data.store={digits_store}",
+                             "--set", f"output_dir={out}", "--set", "model.factory=pipeline.models:mlp"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=100)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and "write dasktrain.models:mlp" in lines[-1], lines[-3:]
+    assert not out.exists()
