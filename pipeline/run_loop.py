@@ -63,8 +63,8 @@ def train(
     ``until_epoch`` stops after that many epochs, with a checkpoint, so that ``resume`` can go on
     later. ``on_event`` receives ``start``, ``step``, ``epoch``, ``regroup`` and ``end`` records
     (the CLI's progress display). ``checked``: the :func:`~dasktrain.preflight.preflight` the
-    caller already made for this config (the flow's prepare stage), not made again. Raises :class:`DasktrainError` subclasses for every
-    user-fixable problem.
+    caller already made for this config (the flow's prepare stage), not made again. Raises
+    :class:`DasktrainError` subclasses for every user-fixable problem.
     """
     problems = cross_section_problems(config)  # a config changed with model_copy skipped them
     if problems:
@@ -90,7 +90,7 @@ def train(
                                 "steps_per_epoch": plan.steps_per_epoch, "workers": list(engine.workers),
                                 "run_dir": str(run_dir), "dashboard": None, **engine.start_info()})
                 try:
-                    _train_steps(engine, recorder, start, end)
+                    _train_steps(engine, recorder, start)
                 except DasktrainError as exc:  # every error leaving the loop says where to go on from
                     raise type(exc)(f"{exc}; {last_good(run_dir)}") from None
                 completed = end == config.train.epochs * plan.steps_per_epoch
@@ -105,8 +105,9 @@ def train(
                 engine.close()
 
 
-def _train_steps(engine: Engine, recorder: Recorder, start: int, end: int) -> None:
-    """Steps ``[start, end)``: submit ahead, record outcomes, recover from worker-set changes."""
+def _train_steps(engine: Engine, recorder: Recorder, start: int) -> None:
+    """From step ``start`` to the end of the engine's cadence: submit ahead, record outcomes,
+    recover from worker-set changes."""
     next_step = engine.first_submission(start)
     pending: deque[Any] = deque()
     try:

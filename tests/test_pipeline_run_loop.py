@@ -200,7 +200,8 @@ DEADLINE_S = 90.0
 
 @pytest.mark.timeout(240)
 def test_frozen_stage_worker_stops_the_run_after_step_timeout(store, tmp_path):
-    config = pp_config(store, tmp_path / "run", train={"epochs": 4, "step_timeout": 5})
+    # No replacement can come: waiting train.worker_grace_s for one would only slow the test.
+    config = pp_config(store, tmp_path / "run", train={"epochs": 4, "step_timeout": 5, "worker_grace_s": 2})
     outcome: dict[str, Any] = {}
     with local_client(2) as client:  # exactly P workers: no spare to recover on
         pids = client.run(os.getpid)
