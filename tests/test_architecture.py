@@ -256,6 +256,9 @@ def test_package_folders_are_those_pyproject_installs() -> None:
     tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["setuptools"]["package-dir"] == PACKAGES
+    # Every folder of modules is listed, or a wheel (not an editable install) would leave it out.
+    folders = {name for name, path in project_modules(ROOT).items() if path.name == "__init__.py"}
+    assert folders == set(pyproject["tool"]["setuptools"]["packages"])
 
 
 def test_no_import_cycle(project: tuple[dict[str, Path], list[Import]]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Future, wait
+from distributed import Future
 
 from dasktrain.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
 from dasktrain.config import RunConfig
@@ -94,6 +94,7 @@ class ReplicaEngine(Engine):
             )
         self.layout = Layout.for_workers(workers, self.config)
         self.last_poll = time.monotonic()
+        self._last_look = 0.0
 
     @property
     def workers(self) -> tuple[str, ...]:
@@ -150,11 +151,14 @@ class ReplicaEngine(Engine):
         timeout = self.config.train.step_timeout
         began = time.monotonic()
         deadline = began + timeout * steps if timeout else None
+        # Waited for with a callback, not ``result(timeout=...)``: a short timeout in Dask's
+        # sync() can race with the result (an UnboundLocalError from distributed.utils.sync).
+        finished = threading.Event()
+        result.add_done_callback(lambda _: finished.set())
         while True:
             try:
-                return result.result(timeout=self.MEMBERSHIP_POLL_S)
-            except TimeoutError:
-                pass
+                if finished.wait(self.MEMBERSHIP_POLL_S):
+                    return result.result()
             except Exception as exc:
                 # With a worker gone, Dask may re-run old steps to rebuild lost results, and the
                 # replicas refuse them: an error then means "regroup", not "stop". A genuine
@@ -203,14 +207,27 @@ class ReplicaEngine(Engine):
 
     def gather_within(self, futures: list[Future], workers: Sequence[str], what: str) -> list[Any]:
         """Results of one task per worker (``futures[i]`` on ``workers[i]``), waited for at most
-        SETUP_S; workers whose task has not ended by then are dropped (the caller regroups)."""
-        try:
-            wait(futures, timeout=self.SETUP_S)
-        except TimeoutError:
-            late = tuple(w for w, f in zip(workers, futures) if not f.done())
-            raise WorkersChanged(f"{what}: workers {list(late)} did not answer within {self.SETUP_S:.0f} s",
-                                 exclude=late) from None
+        SETUP_S. A worker that leaves meanwhile (its pinned task would wait for it for good)
+        makes the caller regroup at once; workers whose task has not ended by SETUP_S are dropped."""
+        deadline = time.monotonic() + self.SETUP_S
+        while not all(f.done() for f in futures):
+            time.sleep(0.1)
+            lost = [w for w in workers if w not in self._alive()] if self.poll_due() else []
+            if lost:
+                raise WorkersChanged(f"{what}: workers {lost} left")
+            if time.monotonic() > deadline:
+                late = tuple(w for w, f in zip(workers, futures) if not f.done())
+                raise WorkersChanged(f"{what}: workers {list(late)} did not answer within {self.SETUP_S:.0f} s",
+                                     exclude=late)
         return self.client.gather(futures)
+
+    def poll_due(self, every_s: float = 1.0) -> bool:
+        """Whether a look at the scheduler is due (once per ``every_s`` in a waiting loop)."""
+        now = time.monotonic()
+        if now - self._last_look < every_s:
+            return False
+        self._last_look = now
+        return True
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -223,6 +240,9 @@ class ReplicaEngine(Engine):
             ckpt = latest_checkpoint(ctx.run_dir)
         n = len(self.workers)
         nthreads = self.client.nthreads()
+        gone = [addr for addr in self.workers if addr not in nthreads]
+        if gone:  # left since the layout was made (a kill during a regroup)
+            raise WorkersChanged(f"workers {gone} left while the replicas were being built")
         futures = []
         for w, addr in enumerate(self.workers):
             spec = ReplicaSpec(
@@ -257,18 +277,29 @@ class ReplicaEngine(Engine):
         survivors = [w for w in old if w in alive]
         applied: dict[str, int] = {}
         history: dict[int, dict[str, Any]] = {}
-        for w in survivors:
-            fut = self.client.submit(replica_applied, ctx.run_id, workers=[w], allow_other_workers=False,
-                                     key=f"{ctx.run_id}-g{self.generation}-applied-{w}")
-            try:
-                # A collective run's survivors may first wait out the group's timeout.
-                status = fut.result(timeout=(self.config.train.step_timeout or 120) + 30)
-                applied[w] = status["applied"]
-                history.update(status["history"])
-            except TimeoutError:  # frozen, or stuck in a step: it must not hold the regroup up again
-                log.warning("worker %s did not give its replica state in time; dropping it", w)
+        asked = {w: self.client.submit(replica_applied, ctx.run_id, workers=[w], allow_other_workers=False,
+                                       key=f"{ctx.run_id}-g{self.generation}-applied-{w}") for w in survivors}
+        # A collective run's survivors may first wait out the group's timeout.
+        deadline = time.monotonic() + (self.config.train.step_timeout or 120) + 30
+        gone: set[str] = set()  # survivors that left too: no source, and their pinned task would wait for them
+        while any(not f.done() for w, f in asked.items() if w not in gone) and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if self.poll_due():
+                gone.update(w for w in asked if w not in self._alive())
+        for w, fut in asked.items():
+            if w in gone and not fut.done():
+                log.warning("worker %s left during the regroup", w)
+                self.client.cancel([fut])
+                continue
+            if not fut.done():  # frozen, or stuck in a step: it must not hold the regroup up again
+                log.warning("worker %s did not give its replica state; dropping it", w)
                 self.client.cancel([fut])
                 self.excluded.add(w)
+                continue
+            try:
+                status = fut.result()
+                applied[w] = status["applied"]
+                history.update(status["history"])
             except Exception as exc:  # it died too, or holds no replica: not a source
                 log.warning("worker %s cannot give its replica state: %s", w, exc)
         alive = [w for w in alive if w not in self.excluded]
