@@ -154,6 +154,9 @@ class TrainConfig(_Frozen):
     grad_transfer: Literal["fp32", "bf16"] = "fp32"
     """Dtype gradients travel in between Dask tasks (``reduce: tree``): ``bf16`` halves the bytes
     moved; every sum is still taken in fp32, and the optimizer sees fp32."""
+    clip_grad_norm: float | None = Field(default=None, gt=0)
+    """Clip the reduced mean gradient to this global L2 norm (over all trainable parameters) before
+    each optimizer step, alike on every replica; none: no clipping. Not with ``parallel.pipeline > 1``."""
 
     @model_validator(mode="after")
     def _reduce_options(self) -> TrainConfig:
@@ -455,6 +458,11 @@ def cross_section_problems(config: RunConfig) -> list[str]:
             "train.reduce: collective sends gradients (gloo/NCCL) and its rendezvous (a torch TCPStore, "
             "which has no authentication) outside TLS, so cluster.security: tls refuses it; use "
             "train.reduce: tree to keep TLS, or cluster.security: none on a trusted network")
+    if train.clip_grad_norm is not None and par.pipeline > 1:
+        problems.append(
+            f"train.clip_grad_norm={train.clip_grad_norm} needs the gradient norm over every stage, which "
+            f"parallel.pipeline={par.pipeline} stages do not exchange; unset train.clip_grad_norm or use "
+            "parallel.pipeline: 1")
     if par.pipeline == 1:
         # Data parallelism: each worker streams a contiguous block of at least one shard.
         if cluster.fewest_workers > train.shards:

@@ -12,6 +12,7 @@ training step on a worker is made of the same pieces, kept here so the two canno
 - the non-finite policy (``train.on_nan``): ``stop`` raises :class:`NonFiniteLossError` naming
   the step; ``skip_step`` counts the micro-batch and voids the step, whose update is then skipped
   by every worker alike;
+- gradient clipping by global norm (``train.clip_grad_norm``), of the reduced mean gradient;
 - the optimizer step with the scheduled learning rate of the step's gradient.
 
 What stays with the caller: where the data comes from, how micro-batches are scheduled, and how
@@ -118,9 +119,17 @@ class StepCore:
 
     def update(self, t: int, mean: torch.Tensor) -> None:
         """Optimizer step with ``mean``, the global mean gradient of step ``t`` (on the
-        parameters' device), at the learning rate the schedule gives step ``t``."""
+        parameters' device), at the learning rate the schedule gives step ``t``.
+
+        With ``train.clip_grad_norm``, ``mean``'s gradient entries are first scaled in place to at
+        most that global L2 norm. Clipping the reduced gradient, not each worker's part, makes the
+        update the same for any worker count; the norm spans only this core's parameters, which is
+        why the config refuses clipping with pipeline stages."""
         assert self.optimizer is not None, "a part without parameters has nothing to update"
         self.bind(mean)
+        clip = self.config.train.clip_grad_norm
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, clip, norm_type=2.0)
         lr = lr_at(self.config, t, self.plan.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

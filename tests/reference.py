@@ -130,9 +130,14 @@ def loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.ndarray]],
-                      total_steps: int | None = None) -> dict[str, torch.Tensor]:
+                      total_steps: int | None = None, clip: float | None = None,
+                      grad_norms: list[float] | None = None) -> dict[str, torch.Tensor]:
     """Weights after one optimizer step per entry of ``batches``, with the learning rate of a run of
     ``total_steps`` steps (default: ``len(batches)``).
+
+    ``clip``: before each step, scale the global batch's mean gradient to at most this L2 norm over
+    all parameters (``torch.nn.utils.clip_grad_norm_``); each step's norm before clipping is
+    appended to ``grad_norms`` when given.
 
     An entry is the store sample indices of that global batch, run as one forward pass; or a list of
     index arrays, one forward pass each (the shards' micro-batches), for models with batch
@@ -174,6 +179,10 @@ def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.nd
         lr = learning_rate(schedule.name, config.optimizer.lr, step, total, schedule.warmup_steps, schedule.min_lr)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
+        if clip is not None:
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, norm_type=2.0))
+            if grad_norms is not None:
+                grad_norms.append(norm)
         optimizer.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -53,6 +53,9 @@ BROKEN = {
     "pipeline-in-bf16": (
         config(train={"precision": "bf16"}, parallel={"pipeline": 2}),
         ["train.precision=bf16", "parallel.pipeline=2"]),
+    "clipping-with-pipeline": (
+        config(train={"clip_grad_norm": 1.0}, parallel={"pipeline": 2}),
+        ["train.clip_grad_norm=1.0", "parallel.pipeline=2"]),
     "more-micro-batches-than-a-replica-gets": (
         config(train={"batch_size": 16}, parallel={"pipeline": 2, "data": 2, "micro_batches": 9}, cluster={"workers": 4}),
         ["parallel.micro_batches=9", "train.batch_size=16", "parallel.data=2", "<= 8"]),
@@ -98,6 +101,8 @@ ALLOWED = {
     "pipeline-on-slurm": config(parallel={"pipeline": 4}, cluster={"spec": "slurm"}),
     "pipeline-on-every-gpu": config(parallel={"pipeline": 4}, cluster={"kind": "local-cuda"}),
     "collective-without-tls": config(train={"reduce": "collective"}),
+    # The global norm of the reduced gradient: every replica holds all of it.
+    "clipping-without-pipeline": config(train={"clip_grad_norm": 1.0, "reduce": "collective"}),
 }
 
 
