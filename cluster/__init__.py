@@ -4,6 +4,7 @@ function that turns a spec into a running cluster and a connected ``Client``.
 - ``specs``: the mapping of a spec onto LocalCluster, LocalCUDACluster, the dask-jobqueue classes,
   or an existing scheduler; waiting for workers; closing on every exit path.
 - ``tls``: the certificates of ``security: tls`` (generated for local kinds, files otherwise).
+- ``upload``: ``model.upload``, the user's own code sent to every worker (Dask's ``UploadFile``).
 
 The spec itself, and the reading of spec files, is :class:`dasktrain.config.ClusterConfig`.
 """
@@ -12,5 +13,6 @@ from __future__ import annotations
 
 from dasktrain.cluster.specs import open_cluster, visible_gpus
 from dasktrain.cluster.tls import cluster_security
+from dasktrain.cluster.upload import upload_user_code
 
-__all__ = ["cluster_security", "open_cluster", "visible_gpus"]
+__all__ = ["cluster_security", "open_cluster", "upload_user_code", "visible_gpus"]

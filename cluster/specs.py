@@ -10,6 +10,12 @@ servers of the scheduler and the workers) is bound to the loopback address, so n
 from the network. A jobqueue cluster's scheduler and workers listen where dask-jobqueue puts them
 (``jobqueue.interface``, or ``scheduler_options``); its scheduler's HTTP server listens on every
 interface only when the spec asks for a dashboard.
+
+Where the user's code comes from: the worker processes of a local cluster are spawned from this
+process and start with its ``sys.path`` (multiprocessing's ``spawn`` hands it over, and a nanny
+restarting a worker spawns it again from here), so a module the driver imports, from the working
+directory the CLI put first, they import too; no ``PYTHONPATH`` is needed or set. Workers started
+elsewhere get it from their own path or from ``model.upload`` (:mod:`dasktrain.cluster.upload`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import math
 import os
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,6 +64,7 @@ def main(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log INFO messages (default: warnings only).")] = False,
 ) -> None:
     """Train PyTorch models data-parallel on a Dask cluster over Zarr datasets."""
+    _project_importable()
     # Log records go to stderr, so stdout keeps only the progress display and the summaries.
     # The level sits on the handler too: Dask's loggers set their own (INFO) levels and
     # propagate to the root, so the root logger's level alone would not hold them back.
@@ -80,6 +82,19 @@ def main(
         # warnings keep their own level.
         os.environ.setdefault("DASK_LOGGING", repr({"distributed.worker": "critical",
                                                     "distributed.worker.memory": "warning"}))
+
+
+def _project_importable() -> None:
+    """Put the working directory first on the import path, as ``python -m`` would, unless it is
+    there already (``PYTHONPATH``, or ``python -m dasktrain.cli``).
+
+    The user's project is where they run ``dasktrain`` from: ``model.factory: mymodels:tiny`` names
+    a ``mymodels.py`` there. A console script starts with its own ``bin`` folder on ``sys.path``
+    instead. Worker processes of local clusters start with the driver's ``sys.path``, so they see it
+    too; workers elsewhere need it on their own path or ``model.upload``."""
+    cwd = os.getcwd()
+    if cwd not in {os.path.abspath(entry or os.curdir) for entry in sys.path}:
+        sys.path.insert(0, cwd)
 
 
 @contextmanager
@@ -286,13 +301,14 @@ def predict(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output store.")] = False,
 ) -> None:
     """Batch inference from Zarr to Zarr, chunk by chunk on the workers of the config's cluster."""
-    from dasktrain.cluster import open_cluster
+    from dasktrain.cluster import open_cluster, upload_user_code
     from dasktrain.config import load_config
     from dasktrain.inference import predict as run_predict
 
     with _user_errors():
         cfg = load_config(config, overrides or [])
         with open_cluster(cfg.cluster) as client:
+            upload_user_code(client, cfg.model.upload)  # the workers build the model
             written = run_predict(client, cfg, checkpoint, input_store, output_store, overwrite=overwrite)
     out.print(f"wrote {escape(written['store'])}: {written['samples']} samples in {written['chunks']} chunks, "
               f"arrays {', '.join(written['arrays'])}", soft_wrap=True)

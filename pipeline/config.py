@@ -83,6 +83,26 @@ class ModelConfig(_Frozen):
     """``module:callable`` returning an ``nn.Module``; built-ins: ``dasktrain.models:mlp``, ``dasktrain.models:cnn``."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the factory."""
+    upload: tuple[str, ...] = ()
+    """Your own code, sent to every worker (also to workers that join later) before the run: ``.py``
+    files or package folders (zipped for the trip), a list or one path, relative to the working
+    directory. For workers that cannot see the driver's working directory (``address``, jobqueue)."""
+
+    @field_validator("upload", mode="before")
+    @classmethod
+    def _one_or_more_paths(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("upload")
+    @classmethod
+    def _uploadable(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        for path in paths:
+            where = Path(path)
+            if not where.exists():
+                raise ValueError(f"{path} does not exist (relative to the working directory {Path.cwd()})")
+            if not (where.is_dir() or where.suffix in (".py", ".zip", ".egg")):  # what Dask's UploadFile imports
+                raise ValueError(f"{path} is neither a package folder nor a .py, .zip or .egg file")
+        return paths
 
 
 class OptimizerConfig(_Frozen):
@@ -436,6 +456,7 @@ class RunConfig(_Frozen):
             "cluster": True, "output_dir": True, "checkpoint": True,
             "data": {"test_store", "source", "source_chunk_size"},
             "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger"},
+            "model": {"upload"},  # how the code reaches the workers, not what it computes
         })
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
