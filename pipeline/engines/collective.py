@@ -40,20 +40,12 @@ class CollectiveEngine(ReplicaEngine):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self.length = 4  # steps per segment, until step times are known
         self.after: list[Future] | None = None
         self.last_done = time.perf_counter()
-
-    def start(self, step: int) -> None:
-        self._reset()
-        super().start(step)
-
-    def recover(self, change: Any, sink: Any) -> tuple[int, dict[str, Any]]:
-        self._reset()
-        return super().recover(change, sink)
 
     def after_create(self) -> None:
         """Rendezvous through the scheduler and build the process group of this generation."""

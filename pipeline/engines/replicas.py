@@ -103,7 +103,11 @@ class ReplicaEngine(Engine):
     def start_info(self) -> dict[str, Any]:
         return {"dashboard": _dashboard_link(self.client, self.config.cluster.dashboard)}
 
+    def reset(self) -> None:
+        """Forget what was submitted: the replicas are being (re)built, nothing in flight stands."""
+
     def start(self, step: int) -> None:
+        self.reset()
         try:
             self._create_replicas(state=None, applied=step)
         except WorkersChanged as exc:
@@ -151,14 +155,21 @@ class ReplicaEngine(Engine):
         timeout = self.config.train.step_timeout
         began = time.monotonic()
         deadline = began + timeout * steps if timeout else None
-        # Waited for with a callback, not ``result(timeout=...)``: a short timeout in Dask's
-        # sync() can race with the result (an UnboundLocalError from distributed.utils.sync).
+        # Waited for with a callback, and taken only once done: ``result(timeout=...)`` on a
+        # future still running can race inside Dask's sync() (an UnboundLocalError from
+        # distributed.utils.sync). A result whose worker died goes back to pending: then the
+        # callback is set again and the worker set is looked at, as for a step still running.
         finished = threading.Event()
         result.add_done_callback(lambda _: finished.set())
         while True:
             try:
                 if finished.wait(self.MEMBERSHIP_POLL_S):
-                    return result.result()
+                    if result.done():
+                        return result.result(timeout=5.0)  # done: its value is a small dict away
+                    finished.clear()
+                    result.add_done_callback(lambda _: finished.set())
+            except TimeoutError:
+                pass  # lost again between the look and the fetch: the checks below say why
             except Exception as exc:
                 # With a worker gone, Dask may re-run old steps to rebuild lost results, and the
                 # replicas refuse them: an error then means "regroup", not "stop". A genuine
@@ -265,6 +276,7 @@ class ReplicaEngine(Engine):
 
     def recover(self, change: WorkersChanged, sink: StepSink) -> tuple[int, dict[str, Any]]:
         """Rebuild the replicas on the workers alive now; returns the step to go on from."""
+        self.reset()
         self.regroups += 1
         if self.regroups > self.MAX_REGROUPS:
             raise ClusterError(f"the worker set kept changing ({self.regroups} regroups); last: {change}")

@@ -48,20 +48,12 @@ class TreeEngine(ReplicaEngine):
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> None:
         self.previous: Root | None = None
         self.first: int | None = None
         """The first step submitted since the replicas were (re)built."""
-
-    def start(self, step: int) -> None:
-        self._reset()
-        super().start(step)
-
-    def recover(self, change: Any, sink: Any) -> tuple[int, dict[str, Any]]:
-        self._reset()
-        return super().recover(change, sink)
 
     def first_submission(self, t: int) -> int | None:
         """Always ``t``: at the end too, an apply-only step applies the last update (and
