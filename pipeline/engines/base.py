@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from distributed import Client
+from distributed import Client, Future
 
 from dasktrain.checkpoint import DATA_LAYOUT, write_file_atomic
 from dasktrain.config import RunConfig
@@ -190,6 +192,24 @@ class Engine(ABC):
     @abstractmethod
     def close(self) -> None:
         """Free the run's state on the workers; never blocks for long."""
+
+
+def wait_done(futures: Sequence[Future], timeout: float) -> bool:
+    """Whether every one of ``futures`` is done, waiting at most ``timeout`` seconds.
+
+    Woken by the futures' done callbacks, so a wait ends the moment the last one finishes (a
+    polling sleep would add its period to every replica setup and regroup)."""
+    end = time.monotonic() + timeout
+    changed = threading.Event()
+    for future in futures:
+        future.add_done_callback(lambda _: changed.set())
+    while not all(f.done() for f in futures):
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        changed.wait(left)
+        changed.clear()
+    return True
 
 
 def silent_workers(client: Client, workers: Sequence[str], silent_s: float) -> list[str]:

@@ -28,7 +28,7 @@ from distributed import Future
 
 from dasktrain.checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints
 from dasktrain.config import RunConfig
-from dasktrain.engines.base import Engine, RunContext, StepResult, StepSink, WorkersChanged, silent_workers
+from dasktrain.engines.base import Engine, RunContext, StepResult, StepSink, WorkersChanged, silent_workers, wait_done
 from dasktrain.errors import ClusterError, DasktrainError
 from dasktrain.reduce import NodeId, ReductionTree, default_fan_in
 from dasktrain.replica import (
@@ -94,7 +94,6 @@ class ReplicaEngine(Engine):
             )
         self.layout = Layout.for_workers(workers, self.config)
         self.last_poll = time.monotonic()
-        self._last_look = 0.0
 
     @property
     def workers(self) -> tuple[str, ...]:
@@ -221,9 +220,8 @@ class ReplicaEngine(Engine):
         SETUP_S. A worker that leaves meanwhile (its pinned task would wait for it for good)
         makes the caller regroup at once; workers whose task has not ended by SETUP_S are dropped."""
         deadline = time.monotonic() + self.SETUP_S
-        while not all(f.done() for f in futures):
-            time.sleep(0.1)
-            lost = [w for w in workers if w not in self._alive()] if self.poll_due() else []
+        while not wait_done(futures, self.MEMBERSHIP_POLL_S):
+            lost = [w for w in workers if w not in self._alive()]
             if lost:
                 raise WorkersChanged(f"{what}: workers {lost} left")
             if time.monotonic() > deadline:
@@ -231,14 +229,6 @@ class ReplicaEngine(Engine):
                 raise WorkersChanged(f"{what}: workers {list(late)} did not answer within {self.SETUP_S:.0f} s",
                                      exclude=late)
         return self.client.gather(futures)
-
-    def poll_due(self, every_s: float = 1.0) -> bool:
-        """Whether a look at the scheduler is due (once per ``every_s`` in a waiting loop)."""
-        now = time.monotonic()
-        if now - self._last_look < every_s:
-            return False
-        self._last_look = now
-        return True
 
     # -- replicas ---------------------------------------------------------------------------
 
@@ -294,10 +284,10 @@ class ReplicaEngine(Engine):
         # A collective run's survivors may first wait out the group's timeout.
         deadline = time.monotonic() + (self.config.train.step_timeout or 120) + 30
         gone: set[str] = set()  # survivors that left too: no source, and their pinned task would wait for them
-        while any(not f.done() for w, f in asked.items() if w not in gone) and time.monotonic() < deadline:
-            time.sleep(0.1)
-            if self.poll_due():
-                gone.update(w for w in asked if w not in self._alive())
+        while not wait_done([f for w, f in asked.items() if w not in gone], self.MEMBERSHIP_POLL_S):
+            if time.monotonic() > deadline:
+                break
+            gone.update(w for w in asked if w not in self._alive())
         for w, fut in asked.items():
             if w in gone and not fut.done():
                 log.warning("worker %s left during the regroup", w)
