@@ -3,7 +3,7 @@
 ``dasktrain run`` is started in a process group of its own and interrupted the way a terminal
 does it (SIGINT to the whole group): it must exit within 10 s with one line saying where to go on
 from, leave no process behind (its local Prefect server included), record the flow run as
-crashed, and ``--resume`` must then end bitwise where an uninterrupted run ends. A driver killed
+crashed, and resuming must then end bitwise where an uninterrupted run ends. A driver killed
 with SIGKILL must not leave its Prefect server running either.
 """
 
@@ -100,15 +100,22 @@ def test_ctrl_c_exits_fast_leaves_nothing_and_resumes_bitwise(digits_store, tmp_
     with sqlite3.connect(tmp_path / "runs" / ".prefect" / "prefect.db") as db:
         assert [row[0] for row in db.execute("select state_type from flow_run")] == ["CRASHED"]
 
-    resumed = subprocess.run([DASKTRAIN, "run", *run_args(digits_store, out), "--resume"], cwd=REPO,
-                             env=local_api_env(tmp_path), capture_output=True, text=True, timeout=240)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    # Deterministic mode: the same bits as an uninterrupted run, whatever the driver went through.
-    config = load_config(REPO / "examples" / "digits.yaml", [
-        f"data.store={digits_store}", f"output_dir={tmp_path / 'whole'}", "train.epochs=4", "train.deterministic=true",
-        "checkpoint.every_steps=5"])
+    # The resume goes through the library on one cluster with the uninterrupted run (the CLI's
+    # --resume has its own test, test_driver_killed.py): what matters here is what Ctrl-C left.
+    overrides = [f"data.store={digits_store}", "train.epochs=4", "train.deterministic=true", "checkpoint.every_steps=5"]
+    resumed = load_config(REPO / "examples" / "digits.yaml", [*overrides, f"output_dir={out}"])
+    config = load_config(REPO / "examples" / "digits.yaml", [*overrides, f"output_dir={tmp_path / 'whole'}"])
+    starts: list[int] = []
+
+    def note_start(event: dict) -> None:
+        if event["kind"] == "start":
+            starts.append(event["start_step"])
+
     with local_client(2) as client:
+        assert train(resumed, client=client, resume=True, on_event=note_start).completed
         train(config, client=client)
+    assert starts and starts[0] >= 10, starts  # it went on from a checkpoint Ctrl-C left, not from scratch
+    # Deterministic mode: the same bits as an uninterrupted run, whatever the driver went through.
     whole, got = saved_weights(tmp_path / "whole"), saved_weights(out)
     for key in whole:
         assert torch.equal(got[key], whole[key]), key
