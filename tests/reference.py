@@ -1,6 +1,6 @@
 """A plain single-process PyTorch loop: the yardstick every parallel mode is tested against.
 
-It shares no code with what it checks: nothing here is imported from ``pipeline``. The built-in
+It shares no code with what it checks: nothing here is imported from ``dasktrain`` (the ``pipeline/`` folder). The built-in
 models are rebuilt layer by layer (same layer order, so ``torch.manual_seed(seed)`` gives the same
 initial weights), the optimizer comes from ``torch.optim`` directly, the learning rate from the
 documented schedule, the loss from plain torch calls. A run config is read by attribute only

@@ -5,7 +5,7 @@ run must make exactly the updates a plain PyTorch loop over the whole array make
 plan, the worker count or the reduction tree. The store is written by ``dasktrain ingest``, the
 run is ``dasktrain run``, the expected weights come from a loop written here over the arrays read
 with zarr, the learning rates from the documented schedule (``tests.reference``, pinned to hand
-computed values below). Nothing from ``pipeline`` is imported.
+computed values below). Nothing from ``dasktrain`` (the ``pipeline/`` folder) is imported.
 """
 
 from __future__ import annotations
