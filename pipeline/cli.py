@@ -127,8 +127,9 @@ _STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACC
 @app.command()
 def ingest(
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Path of the Zarr store to write.")],
-    example: Annotated[str | None, typer.Option(help="A bundled example dataset: digits.")] = None,
-    image: Annotated[bool, typer.Option("--image", help="With --example: image-shaped inputs (1, 8, 8) instead of flat (64,).")] = False,
+    example: Annotated[str | None, typer.Option(help="A bundled example dataset: digits, or text (bytes of Python's own documentation).")] = None,
+    image: Annotated[bool, typer.Option("--image", help="With --example digits: image-shaped inputs (1, 8, 8) instead of flat (64,).")] = False,
+    context: Annotated[int | None, typer.Option(min=1, help="With --example text: bytes per sample (default: 64).")] = None,
     inputs: Annotated[Path | None, typer.Option(help="Inputs as a .npy file (with --targets).")] = None,
     targets: Annotated[Path | None, typer.Option(help="Targets as a .npy file (with --inputs).")] = None,
     npz: Annotated[Path | None, typer.Option(help="Inputs and targets as two arrays of one .npz file.")] = None,
@@ -153,7 +154,8 @@ def ingest(
         raise typer.BadParameter(f"give exactly one source of {', '.join(sources)}; {found}")
     if (inputs is None) != (targets is None):
         raise typer.BadParameter("--inputs and --targets go together")
-    _only_with("--image", image, "--example", example is not None)
+    _only_with("--image", image, "--example digits", example == "digits")
+    _only_with("--context", context is not None, "--example text", example == "text")
     _only_with("--inputs-key/--targets-key", (inputs_key, targets_key) != ("inputs", "targets"), "--npz", npz is not None)
     _only_with("--target-column/--regression", target_column is not None or regression, "--csv", csv is not None)
 
@@ -161,7 +163,8 @@ def ingest(
 
     with _user_errors():
         if example is not None:
-            arrays, source = ing.example_arrays(example, image=image), f"example:{example}"
+            arrays = ing.example_arrays(example, image=image, context=context or ing.TEXT_CONTEXT)
+            source = f"example:{example}"
         elif npz is not None:
             arrays, source = ing.read_npz(npz, inputs_key, targets_key), str(npz)
         elif csv is not None:
@@ -216,7 +219,7 @@ def run(
     With PREFECT_API_URL set the run is recorded on that server (checked first); without, on
     Prefect's local temporary server with its database in .prefect/ beside the run directory."""
     from dasktrain.config import load_config
-    from dasktrain.preflight import preflight
+    from dasktrain.preflight import Preflight, preflight
     from dasktrain.prepare import store_pending
     from dasktrain.run_dir import RunResult
 
@@ -228,11 +231,14 @@ def run(
         checked = None if store_pending(cfg.data) else preflight(cfg)
         training = _import_flows()
         resume_with = shlex.join(["dasktrain", "run", str(config), *(f"--set={o}" for o in overrides or []), "--resume"])
-        with _interrupts_stop_the_run(cfg, resume_with), _ProgressView(cfg) as view:
+        # A cross-entropy over sequence targets is in nats per token: the epoch lines add bits.
+        per_token = (cfg.loss == "cross_entropy" and isinstance(checked, Preflight)
+                     and checked.splits.train.targets.sample_shape != ())
+        with _interrupts_stop_the_run(cfg, resume_with), _ProgressView(cfg, per_token) as view:
             summary = training.run_training(cfg, resume=resume, until_epoch=until_epoch, on_event=view.on_event,
                                             checked=checked)
     result = RunResult(Path(cfg.output_dir), summary["steps"], summary["completed"])
-    _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])])
+    _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])], per_token)
     _print_outputs(summary)
 
 
@@ -361,8 +367,9 @@ def deploy(
 class _ProgressView:
     """Draws the driver's events: a progress bar over the run's steps, a line per epoch."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, per_token: bool = False) -> None:
         self.epochs = config.train.epochs
+        self.per_token = per_token
         self.dashboard = config.cluster.dashboard
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -404,7 +411,7 @@ class _ProgressView:
                 pipeline=_pipeline_text(event),
             )
         elif kind == "epoch":
-            self.progress.console.print(_epoch_line(event, self.epochs), soft_wrap=True)
+            self.progress.console.print(_epoch_line(event, self.epochs, self.per_token), soft_wrap=True)
         elif kind == "regroup":
             changes = [f"lost {len(event['lost'])}" if event["lost"] else "",
                        f"joined {len(event['joined'])}" if event["joined"] else ""]
@@ -440,27 +447,33 @@ def _pipeline_text(event: Event) -> str:
     return f"pipe {event['pipeline_efficiency']:.0%}/{event['efficiency_bound']:.0%} busy {busy}ms"
 
 
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+def _epoch_line(record: dict[str, Any], epochs: int, per_token: bool = False) -> str:
+    """One epoch's numbers; ``per_token``: the losses are nats per token, and the validation loss
+    is given in bits per token too."""
     parts = [f"epoch {record['epoch'] + 1}/{epochs}", f"train loss {_num(record.get('train_loss'))}"]
     if "val_loss" in record:
-        parts.append(f"val loss {_num(record['val_loss'])}")
+        bits = f" ({_bits(record['val_loss'])} bits/token)" if per_token else ""
+        parts.append(f"val loss {_num(record['val_loss'])}{bits}")
     if "val_accuracy" in record:
         parts.append(f"val accuracy {_pct(record['val_accuracy'])}")
     parts.append(f"{record['samples_per_s']:,.0f} samples/s")
     return "  ".join(parts)
 
 
-def _print_run(result: RunResult, config: RunConfig, run_args: list[str]) -> None:
+def _print_run(result: RunResult, config: RunConfig, run_args: list[str], per_token: bool = False) -> None:
     from dasktrain.metrics import METRICS_FILE, read_metrics
     from dasktrain.run_dir import CONFIG_FILE
 
     # From metrics.jsonl rather than result.epochs: after --resume it also holds earlier epochs.
     epochs = [r for r in read_metrics(result.run_dir) if r.get("kind") == "epoch"]
     table = Table(title="epochs", title_justify="left")
-    for name in ("epoch", "train loss", "val loss", "val accuracy", "samples/s"):
+    # per_token: losses are nats per token (a sequence model); a column gives validation bits per token.
+    names = ("epoch", "train loss", "val loss", *(("val bits/token",) if per_token else ()), "val accuracy", "samples/s")
+    for name in names:
         table.add_column(name, justify="right")
     for r in epochs:
-        table.add_row(str(r["epoch"] + 1), _num(r.get("train_loss")), _num(r.get("val_loss")),
+        bits = (_bits(r.get("val_loss")),) if per_token else ()
+        table.add_row(str(r["epoch"] + 1), _num(r.get("train_loss")), _num(r.get("val_loss")), *bits,
                       _pct(r.get("val_accuracy")), f"{r['samples_per_s']:,.0f}")
     out.print(table)
     run_dir = escape(str(result.run_dir))
@@ -476,6 +489,10 @@ def _print_run(result: RunResult, config: RunConfig, run_args: list[str]) -> Non
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _bits(nats: float | None) -> str:
+    return "-" if nats is None else f"{nats / math.log(2):.3f}"
 
 
 def _pct(value: float | None) -> str:

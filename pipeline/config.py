@@ -53,6 +53,9 @@ class DataConfig(_Frozen):
     """Name of the input array in the group."""
     targets: str = "targets"
     """Name of the target array in the group."""
+    inputs_dtype: Literal["float", "int64"] = "float"
+    """What the model takes the inputs as: ``float``, features in torch's default float dtype;
+    ``int64``, integer ids such as a language model's tokens (for an ``nn.Embedding``)."""
     validation: ValidationSplit | None = None
     """Validation split; none means no validation metrics."""
     shuffle_window: int = Field(default=2, ge=1)
@@ -65,7 +68,7 @@ class DataConfig(_Frozen):
     the validation split, or the training store when there is none."""
     source: str | None = None
     """Where the flow's prepare stage ingests ``store`` from when it does not exist yet:
-    ``example:digits``, an ``.npz`` file (arrays ``inputs``, ``targets``) or a ``.csv`` file (last column the target)."""
+    ``example:digits``, ``example:text``, an ``.npz`` file (arrays ``inputs``, ``targets``) or a ``.csv`` file (last column the target)."""
     source_chunk_size: int = Field(default=1024, ge=1)
     """Samples per chunk of a store ingested from ``source``."""
     cache: bool = False
@@ -75,12 +78,20 @@ class DataConfig(_Frozen):
     cache_limit_gib: float = Field(default=4.0, gt=0)
     """Most host memory a worker's chunk cache may hold; chunks beyond it are read again each epoch."""
 
+    @model_validator(mode="after")
+    def _ids_are_not_standardised(self) -> DataConfig:
+        if self.normalize and self.inputs_dtype != "float":
+            raise ValueError(f"normalize: true standardises float features; inputs_dtype: {self.inputs_dtype} "
+                             "inputs are ids, which it would turn into fractions: set one of them back")
+        return self
+
 
 class ModelConfig(_Frozen):
     """The model, built on every worker from an import path and keyword arguments."""
 
     factory: str = Field(pattern=r"^[\w.]+:[\w.]+$")
-    """``module:callable`` returning an ``nn.Module``; built-ins: ``dasktrain.models:mlp``, ``dasktrain.models:cnn``."""
+    """``module:callable`` returning an ``nn.Module``; built-ins: ``dasktrain.models:mlp``, ``dasktrain.models:cnn``,
+    ``dasktrain.models:transformer_lm``."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments passed to the factory."""
     upload: tuple[str, ...] = ()
@@ -452,9 +463,12 @@ class RunConfig(_Frozen):
 
     def digest(self) -> str:
         """Short hash of the settings that decide the training trajectory (not of where it runs)."""
+        data = {"test_store", "source", "source_chunk_size"}
+        if self.data.inputs_dtype == "float":
+            data.add("inputs_dtype")  # a key added later: configs that leave it at its default keep their digest
         relevant = self.model_dump(mode="json", exclude={
             "cluster": True, "output_dir": True, "checkpoint": True,
-            "data": {"test_store", "source", "source_chunk_size"},
+            "data": data,
             "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger"},
             "model": {"upload"},  # how the code reaches the workers, not what it computes
         })

@@ -33,7 +33,7 @@ from dasktrain.feed import open_reader
 from dasktrain.metrics import METRICS_FILE
 from dasktrain.models import build_model
 from dasktrain.normalize import read_normalization
-from dasktrain.objective import correct_count, loss_sum, prepare_batch
+from dasktrain.objective import cast_inputs, correct_count, inputs_torch_dtype, loss_sum, prepare_batch
 from dasktrain.preflight import resolve_splits
 from dasktrain.run_lock import locks_run_dir_of
 from dasktrain.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
@@ -111,7 +111,8 @@ def evaluate(client: Client, config: RunConfig, weights: str | Path, split: Eval
 def predict(client: Client, config: RunConfig, weights: str | Path, input_store: str | Path,
             output_store: str | Path, overwrite: bool = False) -> dict[str, Any]:
     """Run the model on every sample of ``input_store``'s inputs array and write the outputs to
-    ``output_store`` (array ``predictions``, plus ``labels`` for classification), chunk by chunk
+    ``output_store`` (array ``predictions``, plus ``labels`` for classification; only ``labels``
+    for a sequence of class logits per sample, e.g. a language model's), chunk by chunk
     from the workers. The store is written under a temporary name and renamed into place."""
     path = str(weights_file(weights))
     input_store, output_store = str(input_store), Path(output_store)
@@ -126,7 +127,11 @@ def predict(client: Client, config: RunConfig, weights: str | Path, input_store:
         group = zarr.open_group(str(tmp), mode="w")
         arrays = {PREDICTIONS: (out_shape, "float32")}
         if config.loss == "cross_entropy":
-            arrays[LABELS] = ((), "int64")
+            arrays[LABELS] = (out_shape[:-1], "int64")  # one per sample, or per position of a sequence
+            if len(out_shape) > 1:
+                # A sequence's logits hold a row of classes per position: for a byte-level language
+                # model 256 floats per input token, which would dwarf the data. Its labels stay.
+                del arrays[PREDICTIONS]
         for name, (shape, dtype) in arrays.items():
             # Chunked like the input along axis 0: each task writes whole chunks, never shared ones.
             group.create_array(name, shape=(samples, *shape), dtype=dtype, chunks=(chunk_size, *shape),
@@ -218,7 +223,7 @@ def _model(config: RunConfig, weights: str) -> nn.Module:
 
 def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk: Chunk) -> dict[str, float]:
     x_np, y_np = open_reader(dataset, config.data).read(chunk)
-    x, y = prepare_batch(config.loss, torch.from_numpy(x_np), torch.from_numpy(y_np))
+    x, y = prepare_batch(config.loss, torch.from_numpy(x_np), torch.from_numpy(y_np), config.data.inputs_dtype)
     with torch.no_grad():
         out = _model(config, weights)(x)
         return {"loss_sum": float(loss_sum(config.loss, out, y)), "correct": correct_count(config.loss, out, y),
@@ -230,13 +235,14 @@ def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_sto
     x_np = np.asarray(inputs[chunk.start : chunk.stop])
     if config.data.normalize:
         x_np = read_normalization(config.data.store, config.data.inputs).apply(x_np)
-    x = torch.from_numpy(x_np).to(torch.get_default_dtype())
+    x = cast_inputs(config.data.inputs_dtype, torch.from_numpy(x_np))
     with torch.no_grad():
         out = _model(config, weights)(x)
     group = zarr.open_group(output_store, mode="r+")
-    _array(group, PREDICTIONS)[chunk.start : chunk.stop] = out.numpy().astype(np.float32)
+    if PREDICTIONS in group:
+        _array(group, PREDICTIONS)[chunk.start : chunk.stop] = out.numpy().astype(np.float32)
     if LABELS in group:
-        _array(group, LABELS)[chunk.start : chunk.stop] = out.argmax(dim=1).numpy().astype(np.int64)
+        _array(group, LABELS)[chunk.start : chunk.stop] = out.argmax(dim=-1).numpy().astype(np.int64)
     return len(x)
 
 
@@ -266,7 +272,7 @@ def _output_shape(config: RunConfig, sample_shape: Sequence[int]) -> tuple[int, 
     with torch.device("meta"):
         model = build_model(config.model, config.train.seed)
         try:
-            out = model(torch.empty((2, *sample_shape)))
+            out = model(torch.zeros((2, *sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype)))
         except Exception as exc:
             raise DataError(f"model {config.model.factory} cannot take inputs of shape {tuple(sample_shape)}: {exc}") from None
     return tuple(out.shape[1:])

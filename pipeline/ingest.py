@@ -1,4 +1,4 @@
-"""Writing datasets: NumPy, NPZ and CSV files (or the bundled digits example) into a Zarr store.
+"""Writing datasets: NumPy, NPZ and CSV files (or a bundled example) into a Zarr store.
 
 The store is a Zarr v3 group of sample-major arrays chunked along axis 0, compressed with zstd
 with a checksum per chunk (so a corrupt chunk is detected, not trained on). Its attributes
@@ -22,7 +22,9 @@ from zarr.codecs import ZstdCodec
 from dasktrain.errors import DataError
 from dasktrain.store import ATTRS_KEY, replace_store
 
-EXAMPLES = ("digits",)
+EXAMPLES = ("digits", "text")
+TEXT_CONTEXT = 64
+"""Bytes per sample of the ``text`` example by default (``--context``)."""
 
 
 def write_store(
@@ -66,12 +68,27 @@ def write_store(
     return path
 
 
-def example_arrays(name: str, image: bool = False) -> dict[str, np.ndarray]:
-    """A bundled example dataset: ``digits`` (scikit-learn's 8x8 handwritten digits, 1797 samples).
+def example_arrays(name: str, image: bool = False, context: int = TEXT_CONTEXT) -> dict[str, np.ndarray]:
+    """A bundled example dataset; the data ships with Python or scikit-learn, so no network is needed.
 
-    Inputs are float32 scaled to [0, 1], flat (64,) or, with ``image``, (1, 8, 8); targets int64.
-    The data ships inside scikit-learn, so no network is needed.
+    ``digits``: scikit-learn's 8x8 handwritten digits, 1797 samples. Inputs are float32 scaled to
+    [0, 1], flat (64,) or, with ``image``, (1, 8, 8); targets int64 class labels.
+
+    ``text``: the bytes of :func:`text_corpus` (vocabulary 256) cut into non-overlapping windows
+    of ``context + 1`` bytes, for next-byte prediction: ``inputs`` holds a window's first
+    ``context`` bytes and ``targets`` the same bytes shifted by one, both int64 of shape
+    (``context``,) per sample (train with ``data.inputs_dtype: int64``). The bytes left over
+    after the last whole window are dropped.
     """
+    if name == "text":
+        if context < 1:
+            raise DataError(f"the text example needs a context of at least 1 byte, got {context}")
+        corpus = np.frombuffer(text_corpus(), dtype=np.uint8).astype(np.int64)
+        windows = len(corpus) // (context + 1)
+        if windows == 0:
+            raise DataError(f"the text corpus ({len(corpus)} bytes) is shorter than one window of {context + 1} bytes")
+        rows = corpus[: windows * (context + 1)].reshape(windows, context + 1)
+        return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
     if name != "digits":
         raise DataError(f"unknown example {name!r}; examples: {', '.join(EXAMPLES)}")
     from sklearn.datasets import load_digits
@@ -81,6 +98,20 @@ def example_arrays(name: str, image: bool = False) -> dict[str, np.ndarray]:
     if image:
         inputs = inputs.reshape(-1, 1, 8, 8)
     return {"inputs": inputs, "targets": digits.target.astype(np.int64)}
+
+
+def text_corpus() -> bytes:
+    """The ``text`` example's corpus: the topics of Python's own reference documentation, the
+    text ``help()`` shows for keywords and statements (``pydoc_data.topics``, part of the standard
+    library), in the order of their sorted names, UTF-8 encoded. About 460 KB of English prose
+    with code examples (466,117 bytes on Python 3.11.7); the same bytes for a given Python version.
+    """
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions package it apart from the interpreter
+        raise DataError("the text example reads Python's pydoc_data.topics, which this Python lacks "
+                        "(on Debian and Ubuntu it is in the libpython3 stdlib package)") from None
+    return "".join(topics[key] for key in sorted(topics)).encode("utf-8")
 
 
 def read_npy(inputs: str | Path, targets: str | Path) -> dict[str, np.ndarray]:

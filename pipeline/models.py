@@ -1,18 +1,21 @@
 """Built-in models and the one way every process builds a model from its config.
 
-Both built-ins are ``nn.Sequential``, so the pipeline-parallel path can cut them into stages.
-Their optional dropout (MLP) and BatchNorm (CNN) layers follow the data-parallel policies of
-:mod:`dasktrain.streams` (random streams keyed by shard, not worker) and
-:mod:`dasktrain.running_stats` (running statistics reduced with the gradients).
+Every built-in is an ``nn.Sequential``, so the pipeline-parallel path can cut it into stages
+between its top-level children. Their optional dropout (MLP, transformer) and BatchNorm (CNN)
+layers follow the data-parallel policies of :mod:`dasktrain.streams` (random streams keyed by
+shard, not worker) and :mod:`dasktrain.running_stats` (running statistics reduced with the
+gradients).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dasktrain.config import ModelConfig
@@ -70,6 +73,103 @@ def cnn(
         width = ch
     layers += [nn.Flatten(), nn.Linear(width * size * size, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
     return nn.Sequential(*layers)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids ``(batch, T)`` to vectors ``(batch, T, d_model)``: a learned embedding of each
+    token plus a learned embedding of each position (``T`` at most ``context``)."""
+
+    def __init__(self, vocab_size: int, context: int, d_model: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.context = context
+        self.tokens = nn.Embedding(vocab_size, d_model)
+        self.positions = nn.Embedding(context, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        length = ids.shape[1]
+        if length > self.context:
+            raise ValueError(f"sequences of {length} tokens are longer than the model's context of {self.context}")
+        where = torch.arange(length, device=ids.device)
+        return self.dropout(self.tokens(ids) + self.positions(where))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position ``t`` sees positions ``0..t`` only.
+
+    The query, key and value projections have no bias: a key bias adds the same number to all
+    of a query's scores, which the softmax ignores, so its gradient is zero in exact arithmetic
+    and only rounding noise in floats, which Adam would scale up to full-size steps."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.proj = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        # (batch, T, 3 * width) -> three of (batch, heads, T, width / heads)
+        q, k, v = (part.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+                   for part in self.qkv(x).split(width, dim=2))
+        # Dropout on the attention weights draws from the stream seeded for the unit (dasktrain.streams).
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class DecoderBlock(nn.Module):
+    """One pre-norm decoder block: ``x + attention(norm(x))``, then ``x + mlp(norm(x))``."""
+
+    def __init__(self, d_model: int, heads: int, dropout: float = 0.0, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(d_model)
+        self.attention = CausalSelfAttention(d_model, heads, dropout)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(nn.Linear(d_model, mlp_ratio * d_model), nn.GELU(),
+                                 nn.Linear(mlp_ratio * d_model, d_model))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+def transformer_lm(
+    vocab_size: int = 256,
+    context: int = 64,
+    d_model: int = 64,
+    heads: int = 4,
+    layers: int = 2,
+    dropout: float = 0.0,
+    mlp_ratio: int = 4,
+) -> nn.Sequential:
+    """Small decoder-only transformer language model: int64 token ids ``(batch, T)``, ``T <=
+    context``, to next-token logits ``(batch, T, vocab_size)``.
+
+    Its top-level children, which pipeline parallelism cuts between, are: a token and position
+    embedding (:class:`TokenEmbedding`), ``layers`` pre-norm :class:`DecoderBlock` (causal
+    self-attention and a GELU MLP), a final LayerNorm and a linear head. The head is not tied to
+    the token embedding, so that the two may sit on different stages. Linear and embedding
+    weights start from N(0, 0.02), biases from zero (the GPT-2 initialisation, which trains
+    better than PyTorch's defaults at this size); the projections that add into the residual
+    stream are scaled down by sqrt(2 * layers) more. Needs ``data.inputs_dtype: int64``.
+    """
+    if d_model % heads:
+        raise ValueError(f"d_model={d_model} must be a multiple of heads={heads}")
+    model = nn.Sequential(
+        TokenEmbedding(vocab_size, context, d_model, dropout),
+        *(DecoderBlock(d_model, heads, dropout, mlp_ratio) for _ in range(layers)),
+        nn.LayerNorm(d_model),
+        nn.Linear(d_model, vocab_size),
+    )
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = name.endswith(("attention.proj", "mlp.2"))
+            nn.init.normal_(module.weight, std=0.02 / math.sqrt(2 * layers) if residual else 0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    return model
 
 
 def resolve_factory(path: str) -> Callable[..., nn.Module]:

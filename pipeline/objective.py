@@ -18,23 +18,56 @@ from dasktrain.config import OptimizerConfig, RunConfig, ScheduleConfig
 
 
 def loss_sum(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Sum over samples of the per-sample loss (MSE: mean over each sample's elements)."""
+    """Sum over samples of the per-sample loss.
+
+    Cross-entropy of ``(batch, classes)`` logits against ``(batch,)`` labels is one term per
+    sample; of sequence logits ``(batch, T, classes)`` against ``(batch, T)`` labels (a language
+    model's next tokens), a sample's loss is the mean over its T positions, so the epoch losses
+    are nats per token. MSE: mean over each sample's elements.
+    """
     if kind == "cross_entropy":
-        return F.cross_entropy(output, target, reduction="sum")
+        if output.ndim == 2:
+            return F.cross_entropy(output, target, reduction="sum")
+        per_position = F.cross_entropy(output.flatten(0, -2), target.flatten(), reduction="none")
+        return per_position.reshape(len(target), -1).mean(dim=1).sum()
     per_element = F.mse_loss(output, target, reduction="none")
     return per_element.reshape(per_element.shape[0], -1).mean(dim=1).sum()
 
 
-def correct_count(kind: str, output: torch.Tensor, target: torch.Tensor) -> int:
-    """Correctly classified samples (0 for regression)."""
+def correct_count(kind: str, output: torch.Tensor, target: torch.Tensor) -> float:
+    """Sum over samples of the share of a sample's labels predicted right (0 for regression):
+    the count of correctly classified samples for one label per sample (whole numbers, exact in
+    a float), the sum of each sequence's token accuracy for sequences. Divided by the sample
+    count, it is the accuracy (per token, for sequences)."""
     if kind != "cross_entropy":
-        return 0
-    return int((output.argmax(dim=1) == target).sum())
+        return 0.0
+    if output.ndim == 2:
+        return float((output.argmax(dim=1) == target).sum())
+    right = (output.argmax(dim=-1) == target).reshape(len(target), -1)
+    return float(right.double().mean(dim=1).sum())
 
 
-def prepare_batch(kind: str, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cast store arrays to what the model and loss take: float inputs, long or float targets."""
-    inputs = inputs.to(torch.get_default_dtype())
+INPUT_DTYPES: dict[str, torch.dtype | None] = {"float": None, "int64": torch.int64}
+"""``data.inputs_dtype`` to the torch dtype inputs reach the model in (None: the default float dtype)."""
+
+
+def inputs_torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of ``data.inputs_dtype`` ``name``: the default float dtype, or int64."""
+    return INPUT_DTYPES[name] or torch.get_default_dtype()
+
+
+def cast_inputs(name: str, inputs: torch.Tensor) -> torch.Tensor:
+    """Store inputs as the model takes them, under ``data.inputs_dtype`` ``name``: features in the
+    default float dtype, or token ids as int64 (what ``nn.Embedding`` takes). The one place
+    where inputs are cast: training, validation, pipeline stage 0, evaluation and prediction."""
+    return inputs.to(inputs_torch_dtype(name))
+
+
+def prepare_batch(kind: str, inputs: torch.Tensor, targets: torch.Tensor,
+                  inputs_dtype: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cast store arrays to what the model and loss take: inputs by :func:`cast_inputs` (a last
+    pipeline stage passes its activations, which stay float), long or float targets."""
+    inputs = cast_inputs(inputs_dtype, inputs)
     targets = targets.long() if kind == "cross_entropy" else targets.to(torch.get_default_dtype())
     return inputs, targets
 

@@ -20,6 +20,7 @@ from torch import nn
 from dasktrain.config import RunConfig
 from dasktrain.errors import ShapeMismatchError
 from dasktrain.models import build_model
+from dasktrain.objective import inputs_torch_dtype
 from dasktrain.plan import SamplingPlan, plan_for, split_validation
 from dasktrain.stages import as_sequential, build_layers, plan_stages
 from dasktrain.store import Chunk, DatasetInfo, open_dataset
@@ -116,7 +117,7 @@ def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
             model = as_sequential(build_layers(config, device="meta")[0])
         else:
             model = build_model(config.model, config.train.seed)
-        x = torch.empty((2, *inputs.sample_shape))
+        x = torch.zeros((2, *inputs.sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
         try:
             out = model(x)
         except Exception as exc:
@@ -125,14 +126,19 @@ def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
                 f"'{inputs.name}' of {where}, whose samples have shape {inputs.sample_shape}: {exc}"
             ) from None
     if config.loss == "cross_entropy":
-        if targets.sample_shape != () or not np.issubdtype(targets.dtype, np.integer):
+        # One class label per sample against (batch, classes) logits, or a label per position of a
+        # sequence, (T,) per sample, against (batch, T, classes) logits: the classes come last.
+        if not np.issubdtype(targets.dtype, np.integer):
             raise ShapeMismatchError(
-                f"loss cross_entropy needs integer class labels, one per sample; array "
-                f"'{targets.name}' of {where} holds {targets.dtype} samples of shape {targets.sample_shape}"
+                f"loss cross_entropy needs integer class labels (one per sample, or one per position of a "
+                f"sequence); array '{targets.name}' of {where} holds {targets.dtype} samples of shape "
+                f"{targets.sample_shape}"
             )
-        if out.ndim != 2:
+        if out.ndim < 2 or tuple(out.shape[1:-1]) != targets.sample_shape:
+            wanted = f"(batch, {''.join(f'{n}, ' for n in targets.sample_shape)}classes)"
             raise ShapeMismatchError(
-                f"loss cross_entropy needs model outputs of shape (batch, classes); "
+                f"loss cross_entropy with targets of shape {targets.sample_shape} per sample (array "
+                f"'{targets.name}' of {where}) needs model outputs of shape {wanted}; "
                 f"{config.model.factory} gives {tuple(out.shape[1:])} per sample"
             )
     elif tuple(out.shape[1:]) != targets.sample_shape:

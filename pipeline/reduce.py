@@ -28,10 +28,11 @@ class StepStats:
 
     loss_sum: float = 0.0
     count: int = 0
-    correct: int = 0
+    correct: float = 0.0
+    """Samples right: whole for class labels; each sequence adds the share of its tokens right."""
     val_loss_sum: float = 0.0
     val_count: int = 0
-    val_correct: int = 0
+    val_correct: float = 0.0
     nonfinite: int = 0
     chunks_read: int = 0
     data_wait_s: float = 0.0

@@ -251,7 +251,8 @@ class Replica:
         """Add one micro-batch's gradients into the bound buffer; False if its loss was not
         finite and ``on_nan`` skips the step (the samples are counted, the step is void)."""
         kind = self.spec.config.loss
-        x, y = prepare_batch(kind, self.place.to_device(x_host, "inputs"), self.place.to_device(y_host, "targets"))
+        x, y = prepare_batch(kind, self.place.to_device(x_host, "inputs"), self.place.to_device(y_host, "targets"),
+                             self.spec.config.data.inputs_dtype)
         try:
             with self.place.autocast():
                 out = self.model(x)
@@ -294,7 +295,7 @@ class Replica:
         with torch.no_grad():
             for x_np, y_np in self._val_batches():
                 x, y = prepare_batch(kind, self.place.to_device(x_np, "val_inputs"),
-                                     self.place.to_device(y_np, "val_targets"))
+                                     self.place.to_device(y_np, "val_targets"), self.spec.config.data.inputs_dtype)
                 with self.place.autocast():
                     out = self.model(x).float()
                 scored = self.core.score(out, y)

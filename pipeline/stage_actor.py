@@ -68,7 +68,7 @@ from dasktrain.config import RunConfig
 from dasktrain.device import Placement
 from dasktrain.errors import CheckpointError, ClusterError, DasktrainError
 from dasktrain.feed import StepRows, open_reader
-from dasktrain.objective import build_optimizer, prepare_batch
+from dasktrain.objective import build_optimizer, cast_inputs, prepare_batch
 from dasktrain.plan import SamplingPlan, plan_for
 from dasktrain.reduce import StepStats, sum_in_order
 from dasktrain.stages import build_layers, full_key, local_key, stage_module
@@ -390,7 +390,7 @@ class PipelineStage:
     def _input_of(self, t: int, j: int, x_all: np.ndarray | None, slices: list[slice]) -> torch.Tensor:
         if self.first:
             assert x_all is not None
-            return self.place.to_device(x_all[slices[j]], "inputs").to(torch.get_default_dtype())
+            return cast_inputs(self.spec.config.data.inputs_dtype, self.place.to_device(x_all[slices[j]], "inputs"))
         # The activation pushed by the previous stage; a leaf here, so backward fills its .grad.
         x, _ = self._take(("act", t, j))
         return self.place.from_host(x).requires_grad_(True)
@@ -452,7 +452,8 @@ class PipelineStage:
             with torch.no_grad():
                 for j, chunk in enumerate(chunks):
                     if self.first:
-                        x = self.place.to_device(self._val_rows(chunk), "val_inputs").to(torch.get_default_dtype())
+                        x = cast_inputs(self.spec.config.data.inputs_dtype,
+                                        self.place.to_device(self._val_rows(chunk), "val_inputs"))
                     else:
                         x = self.place.from_host(self._take(("val", t, j))[0])
                     try:

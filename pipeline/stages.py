@@ -24,6 +24,7 @@ from torch import nn
 from dasktrain.config import RunConfig
 from dasktrain.errors import ConfigError
 from dasktrain.models import resolve_factory
+from dasktrain.objective import inputs_torch_dtype
 
 Bounds = tuple[tuple[int, int], ...]
 
@@ -159,7 +160,7 @@ def measured_costs(config: RunConfig, sample_shape: tuple[int, ...], repeats: in
     layers, _ = build_layers(config)
     par = config.parallel
     rows = max(1, config.train.batch_size // (par.data * par.micro_batches))
-    x = torch.zeros((rows, *sample_shape))
+    x = torch.zeros((rows, *sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
     costs = []
     for layer in layers:
         times = []

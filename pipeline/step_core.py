@@ -37,11 +37,12 @@ from dasktrain.streams import seed_unit
 
 @dataclass(frozen=True)
 class Scored:
-    """One micro-batch's loss: the tensor backward starts from, its value, and the correct count."""
+    """One micro-batch's loss: the tensor backward starts from, its value, and the correct count
+    (per sample: 1 or 0 for a class label, the share of positions right for a sequence)."""
 
     loss: torch.Tensor
     value: float
-    correct: int
+    correct: float
 
 
 class StepCore:
