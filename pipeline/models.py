@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dasktrain import keras_support
 from dasktrain.config import ModelConfig
 from dasktrain.errors import ConfigError
 
@@ -208,8 +209,9 @@ def _renamed(module_name: str) -> str | None:
 
 def build_model(config: ModelConfig, seed: int) -> nn.Module:
     """Build the model with its initial weights drawn from ``seed``: identical in every process."""
+    keras_support.default_backend()  # before the factory's module is imported: keras reads it once
     factory = resolve_factory(config.factory)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), keras_support.seeded(seed):
         torch.manual_seed(seed)
         try:
             model = factory(**config.kwargs)
@@ -217,6 +219,7 @@ def build_model(config: ModelConfig, seed: int) -> nn.Module:
             raise ConfigError(f"model.kwargs do not fit {config.factory}: {exc}") from None
         except Exception as exc:  # the user's factory failed: say which one, and its own words
             raise ConfigError(f"model.factory {config.factory} raised {type(exc).__name__}: {exc}") from None
+    model = keras_support.adapt(model, config.factory)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory {config.factory} returned {type(model).__name__}, not a torch nn.Module")
     return model
