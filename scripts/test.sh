@@ -12,9 +12,12 @@ ruff check pipeline cluster flows tests benchmarks
 bash scripts/typecheck.sh
 
 prefect_dir=$(mktemp -d)
+# pytest's own temporary root keeps only the newest three sessions of a user, so another pytest
+# started meanwhile on this machine would delete this run's files under it: a root of its own.
+pytest_tmp=$(mktemp -d)
 stop_services() {
   bash scripts/prefect-server.sh stop "$prefect_dir" || true
-  rm -rf "$prefect_dir"
+  rm -rf "$prefect_dir" "$pytest_tmp"
   bash scripts/slurm/stop.sh || true
 }
 trap stop_services EXIT
@@ -30,4 +33,4 @@ fi
 # server fixtures stay in one process: the tests spend much of their time starting processes and
 # waiting on them, and one process kept only about one core busy. DASKTRAIN_TEST_PROCESSES=0 runs
 # them in this process, one after the other.
-python -m pytest -q -p no:cacheprovider -n "${DASKTRAIN_TEST_PROCESSES:-2}" --dist loadfile "$@"
+python -m pytest -q -p no:cacheprovider --basetemp "$pytest_tmp/t" -n "${DASKTRAIN_TEST_PROCESSES:-2}" --dist loadfile "$@"
