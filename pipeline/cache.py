@@ -26,12 +26,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from dasktrain import rows
+from dasktrain.rows import Array, Rows
 from dasktrain.store import Chunk
 
 log = logging.getLogger(__name__)
 
-HostChunk = tuple[np.ndarray, np.ndarray]
-DeviceChunk = tuple[torch.Tensor, torch.Tensor]
+HostChunk = tuple[Rows, Rows]
+"""A chunk's inputs and targets as read (see :mod:`dasktrain.rows`)."""
+DeviceChunk = tuple[Rows, Rows]
 
 DEVICE_FRACTION = 0.5
 """Share of the GPU memory free when caching starts that the cache may fill."""
@@ -85,11 +88,11 @@ class ChunkCache:
         x, y = read(chunk)
         return self._insert(chunk, x, y)
 
-    def _insert(self, chunk: Chunk, x: np.ndarray, y: np.ndarray) -> HostChunk | DeviceChunk:
-        nbytes = x.nbytes + y.nbytes
+    def _insert(self, chunk: Chunk, x: Rows, y: Rows) -> HostChunk | DeviceChunk:
+        nbytes = rows.nbytes(x) + rows.nbytes(y)
         if self._device_room(nbytes):
             try:
-                on_device = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+                on_device = rows.apply(self._to_device, x, ""), rows.apply(self._to_device, y, "")
             except (TypeError, ValueError, torch.cuda.OutOfMemoryError) as exc:
                 # A dtype torch has no tensor for, or the GPU filled up after all: the host it is,
                 # for this chunk and (after an OOM) every later one.
@@ -112,6 +115,9 @@ class ChunkCache:
                          "chunks beyond it are read from the store every epoch",
                          self.device_bytes / 2**20, self.device, self.host_bytes / 2**20, self.limit_bytes / 2**20)
         return x, y
+
+    def _to_device(self, array: Array, _: str) -> Array:
+        return torch.from_numpy(array).to(self.device) if isinstance(array, np.ndarray) else array.to(self.device)
 
     def _device_room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit in the device part (fixing its budget on the first call)."""

@@ -233,7 +233,7 @@ def run(
         resume_with = shlex.join(["dasktrain", "run", str(config), *(f"--set={o}" for o in overrides or []), "--resume"])
         # A cross-entropy over sequence targets is in nats per token: the epoch lines add bits.
         per_token = (cfg.loss == "cross_entropy" and isinstance(checked, Preflight)
-                     and checked.splits.train.targets.sample_shape != ())
+                     and checked.splits.train.targets is not None and checked.splits.train.targets.sample_shape != ())
         with _interrupts_stop_the_run(cfg, resume_with), _ProgressView(cfg, per_token) as view:
             summary = training.run_training(cfg, resume=resume, until_epoch=until_epoch, on_event=view.on_event,
                                             checked=checked)

@@ -56,6 +56,11 @@ class DataConfig(_Frozen):
     inputs_dtype: Literal["float", "int64"] = "float"
     """What the model takes the inputs as: ``float``, features in torch's default float dtype;
     ``int64``, integer ids such as a language model's tokens (for an ``nn.Embedding``)."""
+    fields: dict[str, str] | tuple[str, ...] | None = None
+    """Store arrays the model is called with, instead of ``inputs``: a mapping of keyword argument
+    to array (``model(**batch)``, e.g. ``{input_ids: tokens, labels: tokens}`` for a Hugging Face
+    model) or a list of arrays (``model(*batch)``). Each array reaches the model in its own kind:
+    integer arrays as int64, floating ones in the default float dtype, booleans as bool."""
     validation: ValidationSplit | None = None
     """Validation split; none means no validation metrics."""
     shuffle_window: int = Field(default=2, ge=1)
@@ -83,7 +88,24 @@ class DataConfig(_Frozen):
         if self.normalize and self.inputs_dtype != "float":
             raise ValueError(f"normalize: true standardises float features; inputs_dtype: {self.inputs_dtype} "
                              "inputs are ids, which it would turn into fractions: set one of them back")
+        if self.fields is not None:
+            if not self.fields:
+                raise ValueError("fields names no array; name at least one, or leave it out to call the model "
+                                 "with inputs")
+            if self.normalize:
+                raise ValueError("normalize: true standardises the inputs array, and fields replaces it; "
+                                 "standardise the arrays when you write the store, or drop fields")
+            if self.inputs_dtype != "float":
+                raise ValueError(f"inputs_dtype: {self.inputs_dtype} casts the inputs array, and fields replaces "
+                                 "it (each field keeps its array's own kind: integers reach the model as int64)")
         return self
+
+    @property
+    def field_arrays(self) -> tuple[str, ...]:
+        """The store arrays the model is called with: the fields' arrays, in order, or the inputs."""
+        if self.fields is None:
+            return (self.inputs,)
+        return tuple(self.fields.values()) if isinstance(self.fields, dict) else self.fields
 
 
 class ModelConfig(_Frozen):
@@ -443,8 +465,17 @@ class RunConfig(_Frozen):
 
     data: DataConfig
     model: ModelConfig
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
-    """Per-sample loss, averaged over the global batch."""
+    loss: str = Field(default="cross_entropy", pattern=r"^(cross_entropy|mse|model|[\w.]+:[\w.]+)$")
+    """Per-sample loss, averaged over the global batch: ``cross_entropy``, ``mse``, ``model`` (the
+    model's output carries the loss of its batch: a ``loss`` attribute, as a Hugging Face
+    ``ModelOutput`` has, a ``"loss"`` key, or a scalar tensor; taken as the mean over the batch's
+    samples), or ``module:callable``, called ``callable(outputs, batch)`` with the batch as a dict
+    of tensors (the fields, or ``inputs``; and ``targets``) and returning one loss per sample."""
+
+    @property
+    def needs_targets(self) -> bool:
+        """Whether the loss reads ``data.targets`` (``loss: model`` takes its labels from the fields)."""
+        return self.loss != "model"
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
@@ -465,7 +496,9 @@ class RunConfig(_Frozen):
         """Short hash of the settings that decide the training trajectory (not of where it runs)."""
         data = {"test_store", "source", "source_chunk_size"}
         if self.data.inputs_dtype == "float":
-            data.add("inputs_dtype")  # a key added later: configs that leave it at its default keep their digest
+            data.add("inputs_dtype")  # keys added later: configs that leave them at their default keep their digest
+        if self.data.fields is None:
+            data.add("fields")
         relevant = self.model_dump(mode="json", exclude={
             "cluster": True, "output_dir": True, "checkpoint": True,
             "data": data,
@@ -498,6 +531,14 @@ def cross_section_problems(config: RunConfig) -> list[str]:
             f"train.clip_grad_norm={train.clip_grad_norm} needs the gradient norm over every stage, which "
             f"parallel.pipeline={par.pipeline} stages do not exchange; unset train.clip_grad_norm or use "
             "parallel.pipeline: 1")
+    if par.pipeline > 1 and config.data.fields is not None:
+        problems.append(
+            f"data.fields calls the model with several arrays, and parallel.pipeline={par.pipeline} stages pass "
+            "one tensor from stage to stage; use data.inputs, or parallel.pipeline: 1")
+    if par.pipeline > 1 and config.loss not in ("cross_entropy", "mse"):
+        problems.append(
+            f"loss: {config.loss} needs the whole model's output and batch, which no pipeline stage holds "
+            f"(parallel.pipeline={par.pipeline}); use loss: cross_entropy or mse, or parallel.pipeline: 1")
     if par.pipeline == 1:
         # Data parallelism: each worker streams a contiguous block of at least one shard.
         if cluster.fewest_workers > train.shards:

@@ -9,7 +9,8 @@ Without a cache a window's chunks are read from the store every epoch. With a
 :class:`~dasktrain.cache.ChunkCache` (``data.cache``) each chunk is read once and then taken from
 the cache; chunks the cache holds on the GPU are concatenated and shuffled there with torch, so
 batches come out as device tensors and a cached epoch's samples never pass through the host.
-Batches are therefore numpy arrays or torch tensors; :func:`join_batches` takes either.
+Batches are therefore numpy arrays or torch tensors, with ``data.fields`` dicts of them, and
+targets may be absent (:mod:`dasktrain.rows`); :func:`join_batches` takes any of these.
 
 Every consumer reads through :func:`open_reader` (a :class:`~dasktrain.store.ChunkReader`, which
 names a missing or corrupt chunk, normalising inputs with ``data.normalize``): the shard feed
@@ -24,39 +25,23 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
-import torch
 
+from dasktrain import rows
 from dasktrain.cache import ChunkCache
 from dasktrain.config import DataConfig
 from dasktrain.normalize import Normalization, read_normalization
 from dasktrain.plan import SamplingPlan
-from dasktrain.store import Chunk, ChunkReader, DatasetInfo
+from dasktrain.rows import Rows
+from dasktrain.store import ArraySpec, Chunk, ChunkReader, DatasetInfo
 
 WindowKey = tuple[int, int, int]  # (epoch, shard, window)
-Array = np.ndarray | torch.Tensor
-"""Samples along axis 0: host numpy, or a torch tensor where they came from the cache's device part."""
-Batch = tuple[Array, Array]
+Batch = tuple[Rows, Rows]
+"""Inputs and targets of some samples (see :mod:`dasktrain.rows` for the shapes they take)."""
 
 
 def join_batches(batches: Sequence[Batch]) -> Batch:
     """Several ``(inputs, targets)`` batches as one, in order (a device tensor if any part is one)."""
-    return _concat([b[0] for b in batches]), _concat([b[1] for b in batches])
-
-
-def _concat(parts: Sequence[Array]) -> Array:
-    """Parts laid end to end along axis 0: numpy if all are, else a tensor on the first tensor's
-    device (a shard's window held on the host, or an empty part, joins device parts there)."""
-    if all(isinstance(p, np.ndarray) for p in parts):
-        return np.concatenate(parts)
-    device = next(p.device for p in parts if isinstance(p, torch.Tensor))
-    return torch.cat([torch.from_numpy(p).to(device) if isinstance(p, np.ndarray) else p for p in parts])
-
-
-def _permute(samples: Array, order: np.ndarray) -> Array:
-    """``samples[order]``, indexing a tensor with an index tensor on its own device."""
-    if isinstance(samples, np.ndarray):
-        return samples[order]
-    return samples[torch.from_numpy(order).to(samples.device)]
+    return rows.concat([b[0] for b in batches]), rows.concat([b[1] for b in batches])
 
 
 class NormalizedReader(ChunkReader):
@@ -89,7 +74,9 @@ class StepRows:
 
     def __init__(self, reader: ChunkReader, array: Literal["inputs", "targets"]) -> None:
         self.reader = reader
-        self.spec = reader.info.inputs if array == "inputs" else reader.info.targets
+        spec = reader.info.inputs if array == "inputs" else reader.info.targets
+        assert spec is not None, "a pipeline's last stage reads targets, which its loss needs"
+        self.spec = spec
         self.read = reader.read_inputs if array == "inputs" else reader.read_targets
         """Reads one chunk of this array."""
         self.reads = 0
@@ -164,23 +151,31 @@ class ShardFeed:
 
     def _take(self, epoch: int, shard: int, start: int, stop: int) -> Batch:
         if start == stop:  # a small shard may give nothing to a step
-            info = self.reader.info
-            return (np.empty((0, *info.inputs.sample_shape), info.inputs.dtype),
-                    np.empty((0, *info.targets.sample_shape), info.targets.dtype))
+            return self._empty()
         starts = self.plan.epoch(epoch).window_starts[shard]
         first = int(np.searchsorted(starts, start, side="right")) - 1
         last = int(np.searchsorted(starts, stop - 1, side="right")) - 1
-        pieces_x: list[Array] = []
-        pieces_y: list[Array] = []
+        pieces_x: list[Rows] = []
+        pieces_y: list[Rows] = []
         for w in range(first, last + 1):
             x, y = self._window(epoch, shard, w)
             lo = max(start - starts[w], 0)
-            hi = min(stop - starts[w], len(x))
-            pieces_x.append(x[lo:hi])
-            pieces_y.append(y[lo:hi])
+            hi = min(stop - starts[w], rows.count(x))
+            pieces_x.append(rows.take(x, lo, hi))
+            pieces_y.append(rows.take(y, lo, hi))
         self._forget_before(epoch, shard, first)
         self._prefetch_after(epoch, shard, last)
-        return _concat(pieces_x), _concat(pieces_y)
+        return rows.concat(pieces_x), rows.concat(pieces_y)
+
+    def _empty(self) -> Batch:
+        """No samples, in the shapes and dtypes of the store's arrays."""
+        info = self.reader.info
+
+        def none_of(spec: ArraySpec) -> np.ndarray:
+            return np.empty((0, *spec.sample_shape), spec.dtype)
+
+        x: Rows = {spec.name: none_of(spec) for spec in info.fields} if info.fields else none_of(info.inputs)
+        return x, none_of(info.targets) if info.targets is not None else None
 
     def _window(self, epoch: int, shard: int, w: int) -> Batch:
         key = (epoch, shard, w)
@@ -198,11 +193,11 @@ class ShardFeed:
         epoch, shard, w = key
         window = self.plan.epoch(epoch).windows[shard][w]
         parts: list[Batch] = [self.cache.get(c, self._read) if self.cache else self._read(c) for c in window.chunks]
-        x = _permute(_concat([p[0] for p in parts]), window.order)
-        y = _permute(_concat([p[1] for p in parts]), window.order)
+        x = rows.permute(rows.concat([p[0] for p in parts]), window.order)
+        y = rows.permute(rows.concat([p[1] for p in parts]), window.order)
         return x, y
 
-    def _read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, chunk: Chunk) -> Batch:
         self.reads += 1  # one prefetch thread: no other writer
         return self.reader.read(chunk)
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,23 @@ from safetensors.torch import load_file
 from torch import nn
 from zarr.codecs import ZstdCodec
 
+from dasktrain import rows
 from dasktrain.checkpoint import CHECKPOINTS, latest_checkpoint
 from dasktrain.config import RunConfig
 from dasktrain.errors import CheckpointError, DataError
 from dasktrain.feed import open_reader
 from dasktrain.metrics import METRICS_FILE
-from dasktrain.models import build_model
+from dasktrain.models import build_model, resolve_callable
 from dasktrain.normalize import read_normalization
-from dasktrain.objective import cast_inputs, correct_count, inputs_torch_dtype, loss_sum, prepare_batch
+from dasktrain.objective import (
+    batch_loss,
+    call_model,
+    cast_field,
+    cast_inputs,
+    inputs_torch_dtype,
+    output_logits,
+    prepare_batch,
+)
 from dasktrain.preflight import resolve_splits
 from dasktrain.run_lock import locks_run_dir_of
 from dasktrain.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
@@ -64,7 +72,8 @@ def evaluation_split(config: RunConfig) -> EvalSplit:
     """``data.test_store`` when given, else the validation split, else the training chunks."""
     data = config.data
     if data.test_store:
-        test = open_dataset(data.test_store, data.inputs, data.targets)
+        test = open_dataset(data.test_store, data.inputs, data.targets if config.needs_targets else None,
+                            data.field_arrays if data.fields is not None else ())
         return EvalSplit("test", test, test.chunks())
     splits = resolve_splits(config)
     if splits.val is not None and splits.val_chunks:
@@ -102,7 +111,7 @@ def evaluate(client: Client, config: RunConfig, weights: str | Path, split: Eval
     result: dict[str, Any] = {"split": split.name, "store": split.dataset.path, "samples": count, "loss": loss}
     if config.loss == "cross_entropy":
         result["accuracy"] = sum(p["correct"] for p in parts) / count if count else float("nan")
-    else:
+    elif config.loss == "mse":
         result["error"] = math.sqrt(loss)
     return result
 
@@ -117,20 +126,27 @@ def predict(client: Client, config: RunConfig, weights: str | Path, input_store:
     path = str(weights_file(weights))
     input_store, output_store = str(input_store), Path(output_store)
     check_output(config, input_store, output_store, overwrite)
-    samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs)
+    if config.data.fields is not None:
+        info = open_dataset(input_store, config.data.inputs, None, config.data.field_arrays)
+        samples, chunk_size = info.samples, info.chunk_size
+        shapes: dict[str, Any] = {a.name: a for a in info.fields}
+    else:
+        samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs)
+        shapes = {config.data.inputs: sample_shape}
     if config.data.normalize:
         read_normalization(config.data.store, config.data.inputs)  # fail here, naming the store
-    out_shape = _output_shape(config, sample_shape)
+    out_shape = _output_shape(config, shapes)
     tmp = output_store.with_name(f".{output_store.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         group = zarr.open_group(str(tmp), mode="w")
         arrays = {PREDICTIONS: (out_shape, "float32")}
-        if config.loss == "cross_entropy":
+        if config.loss == "cross_entropy" or (config.loss not in ("mse",) and len(out_shape) > 1):
             arrays[LABELS] = (out_shape[:-1], "int64")  # one per sample, or per position of a sequence
             if len(out_shape) > 1:
                 # A sequence's logits hold a row of classes per position: for a byte-level language
                 # model 256 floats per input token, which would dwarf the data. Its labels stay.
+                # (With loss: model or a loss of the user's, scores per position are taken as such.)
                 del arrays[PREDICTIONS]
         for name, (shape, dtype) in arrays.items():
             # Chunked like the input along axis 0: each task writes whole chunks, never shared ones.
@@ -223,21 +239,33 @@ def _model(config: RunConfig, weights: str) -> nn.Module:
 
 def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk: Chunk) -> dict[str, float]:
     x_np, y_np = open_reader(dataset, config.data).read(chunk)
-    x, y = prepare_batch(config.loss, torch.from_numpy(x_np), torch.from_numpy(y_np), config.data.inputs_dtype)
+    x, y = prepare_batch(config.loss, rows.apply(_tensor, x_np, ""), rows.apply(_tensor, y_np, ""),
+                         config.data.inputs_dtype)
+    samples = rows.count(x)
+    loss_fn = resolve_callable(config.loss, "loss") if ":" in config.loss else None
     with torch.no_grad():
-        out = _model(config, weights)(x)
-        return {"loss_sum": float(loss_sum(config.loss, out, y)), "correct": correct_count(config.loss, out, y),
-                "count": len(x)}
+        out = call_model(_model(config, weights), config.data.fields, x)
+        loss, correct = batch_loss(config.loss, loss_fn, config.data.fields, out, x, y, samples)
+        return {"loss_sum": float(loss), "correct": correct, "count": samples}
+
+
+def _tensor(array: Any, _: str) -> torch.Tensor:
+    return torch.from_numpy(array) if isinstance(array, np.ndarray) else array
 
 
 def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_store: str, chunk: Chunk) -> int:
-    inputs = _array(zarr.open_group(input_store, mode="r"), config.data.inputs)
-    x_np = np.asarray(inputs[chunk.start : chunk.stop])
-    if config.data.normalize:
-        x_np = read_normalization(config.data.store, config.data.inputs).apply(x_np)
-    x = cast_inputs(config.data.inputs_dtype, torch.from_numpy(x_np))
+    group_in = zarr.open_group(input_store, mode="r")
+    x: Any
+    if config.data.fields is not None:
+        x = {name: cast_field(torch.from_numpy(np.asarray(_array(group_in, name)[chunk.start : chunk.stop])))
+             for name in dict.fromkeys(config.data.field_arrays)}
+    else:
+        x_np = np.asarray(_array(group_in, config.data.inputs)[chunk.start : chunk.stop])
+        if config.data.normalize:
+            x_np = read_normalization(config.data.store, config.data.inputs).apply(x_np)
+        x = cast_inputs(config.data.inputs_dtype, torch.from_numpy(x_np))
     with torch.no_grad():
-        out = _model(config, weights)(x)
+        out = output_logits("predictions", call_model(_model(config, weights), config.data.fields, x))
     group = zarr.open_group(output_store, mode="r+")
     if PREDICTIONS in group:
         _array(group, PREDICTIONS)[chunk.start : chunk.stop] = out.numpy().astype(np.float32)
@@ -267,12 +295,23 @@ def _inputs_layout(store: str, name: str) -> tuple[int, int, tuple[int, ...]]:
     return int(arr.shape[0]), int(arr.chunks[0]), tuple(arr.shape[1:])
 
 
-def _output_shape(config: RunConfig, sample_shape: Sequence[int]) -> tuple[int, ...]:
-    """Per-sample output shape, found on the ``meta`` device (no memory, no compute)."""
+def _output_shape(config: RunConfig, arrays: dict[str, Any]) -> tuple[int, ...]:
+    """Per-sample output shape (of the output's logits, for an output that is not a tensor), found
+    on the ``meta`` device (no memory, no compute). ``arrays``: the inputs' sample shape by array
+    name, or with ``data.fields`` the fields' :class:`ArraySpec` by array name."""
     with torch.device("meta"):
         model = build_model(config.model, config.train.seed)
+        x: Any
+        if config.data.fields is not None:
+            x = {name: cast_field(torch.zeros((2, *spec.sample_shape), dtype=torch.from_numpy(np.empty(0, spec.dtype)).dtype))
+                 for name, spec in arrays.items()}
+            what = ", ".join(f"'{name}' {spec.sample_shape}" for name, spec in arrays.items())
+        else:
+            (shape,) = arrays.values()
+            x = torch.zeros((2, *shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
+            what = f"inputs of shape {tuple(shape)}"
         try:
-            out = model(torch.zeros((2, *sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype)))
+            out = output_logits("predictions", call_model(model, config.data.fields, x))
         except Exception as exc:
-            raise DataError(f"model {config.model.factory} cannot take inputs of shape {tuple(sample_shape)}: {exc}") from None
+            raise DataError(f"model {config.model.factory} cannot take {what}: {exc}") from None
     return tuple(out.shape[1:])

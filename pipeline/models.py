@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -174,23 +175,28 @@ def transformer_lm(
 
 
 def resolve_factory(path: str) -> Callable[..., nn.Module]:
-    """Import ``module:callable``; errors name the path."""
+    """Import the model factory ``module:callable``; errors name the path."""
+    return resolve_callable(path, "model.factory")
+
+
+def resolve_callable(path: str, key: str) -> Callable[..., Any]:
+    """Import ``module:callable`` named by config key ``key``; errors name the key and the path."""
     module_name, _, attr = path.partition(":")
     try:
         target: object = importlib.import_module(module_name)
     except ImportError as exc:
         renamed = _renamed(module_name)
         if renamed is not None:
-            raise ConfigError(f"model.factory {path!r}: dasktrain's modules are installed as dasktrain.*; "
+            raise ConfigError(f"{key} {path!r}: dasktrain's modules are installed as dasktrain.*; "
                               f"write {renamed}:{attr}") from None
-        raise ConfigError(f"model.factory {path!r}: cannot import module {module_name!r}: {exc}") from None
+        raise ConfigError(f"{key} {path!r}: cannot import module {module_name!r}: {exc}") from None
     for part in attr.split("."):
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ConfigError(f"model.factory {path!r}: module {module_name!r} has no {attr!r}") from None
+            raise ConfigError(f"{key} {path!r}: module {module_name!r} has no {attr!r}") from None
     if not callable(target):
-        raise ConfigError(f"model.factory {path!r} is not callable")
+        raise ConfigError(f"{key} {path!r} is not callable")
     return target
 
 

@@ -9,6 +9,8 @@ last batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,13 +65,109 @@ def cast_inputs(name: str, inputs: torch.Tensor) -> torch.Tensor:
     return inputs.to(inputs_torch_dtype(name))
 
 
-def prepare_batch(kind: str, inputs: torch.Tensor, targets: torch.Tensor,
-                  inputs_dtype: str = "float") -> tuple[torch.Tensor, torch.Tensor]:
+def prepare_batch(kind: str, inputs: Any, targets: Any, inputs_dtype: str = "float") -> tuple[Any, Any]:
     """Cast store arrays to what the model and loss take: inputs by :func:`cast_inputs` (a last
-    pipeline stage passes its activations, which stay float), long or float targets."""
-    inputs = cast_inputs(inputs_dtype, inputs)
-    targets = targets.long() if kind == "cross_entropy" else targets.to(torch.get_default_dtype())
+    pipeline stage passes its activations, which stay float), each of a dict of fields
+    (``data.fields``) in its own kind (:func:`cast_field`); long targets for cross-entropy, float
+    for MSE, their own kind for the other losses, None where the loss reads none."""
+    inputs = ({name: cast_field(t) for name, t in inputs.items()} if isinstance(inputs, dict)
+              else cast_inputs(inputs_dtype, inputs))
+    if targets is not None:
+        if kind == "cross_entropy":
+            targets = targets.long()
+        elif kind == "mse":
+            targets = targets.to(torch.get_default_dtype())
+        else:
+            targets = cast_field(targets)
     return inputs, targets
+
+
+def cast_field(tensor: torch.Tensor) -> torch.Tensor:
+    """A store array as a model takes it, by its kind: integers as int64 (ids, labels, masks),
+    floating point in the default float dtype, booleans as they are."""
+    if tensor.dtype == torch.bool:
+        return tensor
+    return tensor.to(torch.get_default_dtype()) if tensor.is_floating_point() else tensor.long()
+
+
+def call_model(model: nn.Module, fields: dict[str, str] | tuple[str, ...] | None, inputs: Any) -> Any:
+    """The model's output for a batch's inputs: ``model(inputs)``, or with ``data.fields`` (the
+    inputs a dict of arrays by store array name) ``model(**{argument: array})`` for a mapping and
+    ``model(*arrays)`` for a list."""
+    if fields is None:
+        return model(inputs)
+    if isinstance(fields, dict):
+        return model(**{argument: inputs[array] for argument, array in fields.items()})
+    return model(*(inputs[array] for array in fields))
+
+
+def batch_view(fields: dict[str, str] | tuple[str, ...] | None, inputs: Any, targets: Any) -> dict[str, Any]:
+    """The batch a ``loss: module:callable`` is given: the fields by argument name (by array name
+    for a list of fields), or ``inputs``; and ``targets`` where they are read."""
+    if fields is None:
+        view = {"inputs": inputs}
+    elif isinstance(fields, dict):
+        view = {argument: inputs[array] for argument, array in fields.items()}
+    else:
+        view = {array: inputs[array] for array in fields}
+    if targets is not None:
+        view["targets"] = targets
+    return view
+
+
+def output_logits(kind: str, out: Any) -> torch.Tensor:
+    """The tensor a built-in loss scores: the output itself, or its ``logits`` (a Hugging Face
+    ``ModelOutput``, or a dict with that key), in fp32."""
+    if isinstance(out, torch.Tensor):
+        return out.float()
+    logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(f"loss {kind} needs the model to return a tensor (or an output with logits); "
+                         f"it returned {type(out).__name__}")
+    return logits.float()
+
+
+def model_loss(out: Any) -> torch.Tensor:
+    """The loss a model's output carries (``loss: model``): its ``loss`` attribute, its ``"loss"``
+    key, or the output itself when it is a scalar tensor; fp32."""
+    loss: Any
+    if isinstance(out, torch.Tensor):
+        loss = out
+    elif isinstance(out, dict):
+        loss = out.get("loss")
+    else:
+        loss = getattr(out, "loss", None)
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(out).__name__
+        raise ValueError(f"loss: model needs the model to return its loss (a scalar tensor, an output with a "
+                         f"loss attribute or a 'loss' key); it returned {what}"
+                         + (" without a loss (did the batch give the model its labels?)"
+                            if not isinstance(out, torch.Tensor) else ""))
+    return loss.float().reshape(())
+
+
+def batch_loss(kind: str, loss_fn: Callable[..., Any] | None, fields: dict[str, str] | tuple[str, ...] | None,
+               out: Any, inputs: Any, targets: Any, samples: int) -> tuple[torch.Tensor, float]:
+    """A batch's loss *sum* (backward starts from it) and correct count, under ``loss`` ``kind``:
+    a built-in loss on the output (or its logits) against ``targets``; ``model``, the output's
+    own loss, a mean over the batch, times ``samples``; ``module:callable`` (``loss_fn``), the sum
+    of its per-sample losses. Only cross-entropy counts correct predictions. Raises ValueError
+    naming what does not fit."""
+    if kind == "model":
+        return model_loss(out) * samples, 0.0
+    if loss_fn is not None:
+        return user_loss_sum(kind, loss_fn(out, batch_view(fields, inputs, targets)), samples), 0.0
+    logits = output_logits(kind, out)
+    return loss_sum(kind, logits, targets), correct_count(kind, logits.detach(), targets)
+
+
+def user_loss_sum(kind: str, per_sample: Any, samples: int) -> torch.Tensor:
+    """The sum of what a ``loss: module:callable`` returned, after checking it is one loss per sample."""
+    if not isinstance(per_sample, torch.Tensor) or tuple(per_sample.shape) != (samples,):
+        got = f"shape {tuple(per_sample.shape)}" if isinstance(per_sample, torch.Tensor) else type(per_sample).__name__
+        raise ValueError(f"loss {kind} returned {got} for a batch of {samples} samples; it must return one loss "
+                         f"per sample, a tensor of shape ({samples},)")
+    return per_sample.float().sum()
 
 
 def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

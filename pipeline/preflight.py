@@ -12,6 +12,7 @@ them when the config is built.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from dasktrain.config import RunConfig
 from dasktrain.errors import ShapeMismatchError
 from dasktrain.models import build_model
-from dasktrain.objective import inputs_torch_dtype
+from dasktrain.objective import call_model, cast_field, inputs_torch_dtype, model_loss, output_logits
 from dasktrain.plan import SamplingPlan, plan_for, split_validation
 from dasktrain.stages import as_sequential, build_layers, plan_stages
 from dasktrain.store import Chunk, DatasetInfo, open_dataset
@@ -72,7 +73,9 @@ def preflight(config: RunConfig) -> Preflight:
 def resolve_splits(config: RunConfig) -> DataSplits:
     """Open the stores a config names and split training from validation chunks."""
     data = config.data
-    train = open_dataset(data.store, data.inputs, data.targets)
+    targets = data.targets if config.needs_targets else None
+    fields = data.field_arrays if data.fields is not None else ()
+    train = open_dataset(data.store, data.inputs, targets, fields)
     chunks = train.chunks()
     split = data.validation
     if split is None:
@@ -81,8 +84,11 @@ def resolve_splits(config: RunConfig) -> DataSplits:
         train_chunks, val_chunks = split_validation(chunks, split.fraction, config.train.seed)
         return DataSplits(train, train_chunks, train, val_chunks)
     assert split.store is not None
-    val = open_dataset(split.store, data.inputs, data.targets)
-    for name, a, b in (("inputs", train.inputs, val.inputs), ("targets", train.targets, val.targets)):
+    val = open_dataset(split.store, data.inputs, targets, fields)
+    pairs = [(f"array '{a.name}'", a, b) for a, b in zip(train.fields, val.fields)] or [("inputs", train.inputs, val.inputs)]
+    if train.targets is not None and val.targets is not None:
+        pairs.append(("targets", train.targets, val.targets))
+    for name, a, b in pairs:
         if a.sample_shape != b.sample_shape:
             raise ShapeMismatchError(
                 f"validation store {val.path} array '{b.name}' has samples of shape {b.sample_shape}, "
@@ -111,20 +117,40 @@ def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
     as the stages will run it."""
     where = f"store {dataset.path}"
     inputs, targets = dataset.inputs, dataset.targets
+    fields = config.data.fields
     with torch.device("meta"):
         model: nn.Module
         if config.parallel.pipeline > 1:
             model = as_sequential(build_layers(config, device="meta")[0])
         else:
             model = build_model(config.model, config.train.seed)
-        x = torch.zeros((2, *inputs.sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
+        x: Any
+        if dataset.fields:
+            x = {spec.name: cast_field(torch.zeros((2, *spec.sample_shape), dtype=_torch_dtype(spec.dtype)))
+                 for spec in dataset.fields}
+            taken = ", ".join(f"'{spec.name}' {spec.sample_shape}" for spec in dataset.fields)
+        else:
+            x = torch.zeros((2, *inputs.sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
+            taken = f"'{inputs.name}', whose samples have shape {inputs.sample_shape}"
         try:
-            out = model(x)
+            out = call_model(model, fields, x)
         except Exception as exc:
             raise ShapeMismatchError(
-                f"model {config.model.factory} with {config.model.kwargs} cannot take array "
-                f"'{inputs.name}' of {where}, whose samples have shape {inputs.sample_shape}: {exc}"
+                f"model {config.model.factory} with {config.model.kwargs} cannot take array(s) {taken} of {where}: {exc}"
             ) from None
+        if config.loss == "model":
+            try:
+                model_loss(out)
+            except ValueError as exc:
+                raise ShapeMismatchError(f"model {config.model.factory} on {where}: {exc}") from None
+            return
+        if ":" in config.loss:  # a loss of the user's own: its shape is checked on the first batch
+            return
+        try:
+            out = output_logits(config.loss, out)
+        except ValueError as exc:
+            raise ShapeMismatchError(f"model {config.model.factory}: {exc}") from None
+    assert targets is not None, "a built-in loss reads targets"
     if config.loss == "cross_entropy":
         # One class label per sample against (batch, classes) logits, or a label per position of a
         # sequence, (T,) per sample, against (batch, T, classes) logits: the classes come last.
@@ -146,3 +172,8 @@ def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
             f"model {config.model.factory} gives outputs of shape {tuple(out.shape[1:])} per sample, "
             f"array '{targets.name}' of {where} holds targets of shape {targets.sample_shape}"
         )
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    """The torch dtype of a store array's NumPy dtype."""
+    return torch.from_numpy(np.empty(0, dtype)).dtype

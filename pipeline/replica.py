@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dasktrain import rows
 from dasktrain.allocator import keep_freed_memory
 from dasktrain.cache import ChunkCache
 from dasktrain.checkpoint import load_checkpoint, save_checkpoint
@@ -40,10 +41,11 @@ from dasktrain.errors import DasktrainError, NonFiniteLossError
 from dasktrain.feed import Batch, ShardFeed, join_batches, open_reader
 from dasktrain.ledger import append_entry
 from dasktrain.models import build_model
-from dasktrain.objective import build_optimizer, prepare_batch
+from dasktrain.objective import build_optimizer, call_model, prepare_batch
 from dasktrain.plan import plan_for
 from dasktrain.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
 from dasktrain.registry import Resident, release
+from dasktrain.rows import Rows
 from dasktrain.running_stats import RunningStats
 from dasktrain.step_core import StepCore
 from dasktrain.store import Chunk, DatasetInfo
@@ -134,7 +136,7 @@ class Replica:
         cache = ChunkCache(int(cfg.data.cache_limit_gib * 2**30), self.place.device) if cfg.data.cache else None
         self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs, cache)
         self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
-        self._val_cache: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._val_cache: list[Batch] | None = None
 
     # -- the step -------------------------------------------------------------------------
 
@@ -235,14 +237,15 @@ class Replica:
         self.core.bind(flat)  # backward accumulates straight into the flat buffer
         stats_segment = flat[self.numel:]
         for u, (shard, (x_all, y_all)) in enumerate(units):
-            pieces = min(cfg.train.accumulate, len(x_all))
-            bounds = np.linspace(0, len(x_all), pieces + 1).round().astype(int)
+            size = rows.count(x_all)
+            pieces = min(cfg.train.accumulate, size)
+            bounds = np.linspace(0, size, pieces + 1).round().astype(int)
             for piece, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
                 self.core.seed(t, shard, piece)
                 self.running.begin_unit()
-                if not self._accumulate(x_all[lo:hi], y_all[lo:hi], t, stats):
+                if not self._accumulate(rows.take(x_all, lo, hi), rows.take(y_all, lo, hi), t, stats):
                     # The step is void: the rest of its samples are counted all the same.
-                    stats.count += len(x_all) - int(hi) + sum(len(x) for _, (x, _) in units[u + 1:])
+                    stats.count += size - int(hi) + sum(rows.count(x) for _, (x, _) in units[u + 1:])
                     return self.place.zeros(self.width)
                 self.running.end_unit(stats_segment, int(hi - lo))
         return flat
@@ -250,22 +253,27 @@ class Replica:
     def _accumulate(self, x_host: Any, y_host: Any, t: int, stats: StepStats) -> bool:
         """Add one micro-batch's gradients into the bound buffer; False if its loss was not
         finite and ``on_nan`` skips the step (the samples are counted, the step is void)."""
-        kind = self.spec.config.loss
-        x, y = prepare_batch(kind, self.place.to_device(x_host, "inputs"), self.place.to_device(y_host, "targets"),
-                             self.spec.config.data.inputs_dtype)
+        x, y = self._on_device(x_host, y_host, "")
+        samples = rows.count(x)
         try:
             with self.place.autocast():
-                out = self.model(x)
-            scored = self.core.score(out.float(), y)
-        except (RuntimeError, ValueError, IndexError) as exc:
+                out = call_model(self.model, self.spec.config.data.fields, x)
+            scored = self.core.score(out, y, x, samples)
+        except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise DasktrainError(
                 f"forward pass failed at {self.core.where(t)} on inputs of "
-                f"shape {tuple(x.shape)} and targets of shape {tuple(y.shape)}: {exc}"
+                f"shape {rows.shapes(x)} and targets of shape {rows.shapes(y)}: {exc}"
             ) from None
-        if not self.core.admit_loss(scored, len(x), stats, t, f" on shards {list(self.spec.shards)}"):
+        if not self.core.admit_loss(scored, samples, stats, t, f" on shards {list(self.spec.shards)}"):
             return False
         scored.loss.backward()
         return True
+
+    def _on_device(self, x_host: Rows, y_host: Rows, prefix: str) -> tuple[Any, Any]:
+        """A batch on the replica's device, cast as the model and the loss take it."""
+        cfg = self.spec.config
+        return prepare_batch(cfg.loss, rows.apply(self.place.to_device, x_host, f"{prefix}inputs"),
+                             rows.apply(self.place.to_device, y_host, f"{prefix}targets"), cfg.data.inputs_dtype)
 
     def _record_ledger(self, t: int) -> None:
         epoch, k = self.plan.locate(t)
@@ -290,25 +298,24 @@ class Replica:
     def validate(self, stats: StepStats) -> None:
         if self._val_reader is None:
             return
-        kind = self.spec.config.loss
         self.model.eval()
         with torch.no_grad():
             for x_np, y_np in self._val_batches():
-                x, y = prepare_batch(kind, self.place.to_device(x_np, "val_inputs"),
-                                     self.place.to_device(y_np, "val_targets"), self.spec.config.data.inputs_dtype)
+                x, y = self._on_device(x_np, y_np, "val_")
+                samples = rows.count(x)
                 with self.place.autocast():
-                    out = self.model(x).float()
-                scored = self.core.score(out, y)
+                    out = call_model(self.model, self.spec.config.data.fields, x)
+                scored = self.core.score(out, y, x, samples)
                 stats.val_loss_sum += scored.value
-                stats.val_count += len(x)
+                stats.val_count += samples
                 stats.val_correct += scored.correct
 
-    def _val_batches(self) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _val_batches(self) -> list[Batch]:
         if self._val_cache is not None:
             return self._val_cache
         assert self._val_reader is not None
         batches = [self._val_reader.read(c) for c in self.spec.val_chunks]
-        if sum(x.nbytes + y.nbytes for x, y in batches) <= VAL_CACHE_BYTES:
+        if sum(rows.nbytes(x) + rows.nbytes(y) for x, y in batches) <= VAL_CACHE_BYTES:
             self._val_cache = batches
         return batches
 

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dasktrain.config import RunConfig
 from dasktrain.errors import NonFiniteLossError
-from dasktrain.objective import correct_count, loss_sum, lr_at
+from dasktrain.models import resolve_callable
+from dasktrain.objective import batch_loss, lr_at
 from dasktrain.plan import SamplingPlan
 from dasktrain.reduce import StepStats
 from dasktrain.streams import seed_unit
@@ -59,6 +61,8 @@ class StepCore:
         self.optimizer = optimizer
         """None for a part without trainable parameters (a pipeline stage of activations only)."""
         self.plan = plan
+        self.loss_fn = resolve_callable(config.loss, "loss") if ":" in config.loss else None
+        """A ``loss: module:callable``, imported once; None for the named losses."""
 
     def where(self, t: int) -> str:
         """Global step ``t`` as errors name it, with its epoch and step within the epoch."""
@@ -76,10 +80,14 @@ class StepCore:
         a micro-batch of the global batch (pipeline), a piece of it, the stage that runs it."""
         seed_unit(self.config.train.seed, t, unit, piece, stage)
 
-    def score(self, out: torch.Tensor, y: torch.Tensor) -> Scored:
-        """Loss sum and correct count of fp32 outputs ``out`` against targets ``y``."""
-        loss = loss_sum(self.config.loss, out, y)
-        return Scored(loss, float(loss.detach()), correct_count(self.config.loss, out.detach(), y))
+    def score(self, out: Any, y: Any, inputs: Any = None, samples: int = 0) -> Scored:
+        """Loss sum and correct count of model outputs ``out`` for a batch of ``samples`` samples
+        (``inputs``, targets ``y``) under the configured ``loss``: a built-in one on the output (or
+        its logits) against ``y``; ``model``, the output's own loss, a mean over the batch, times
+        ``samples``; ``module:callable``, the sum of its per-sample losses. Only cross-entropy
+        counts correct predictions."""
+        loss, correct = batch_loss(self.config.loss, self.loss_fn, self.config.data.fields, out, inputs, y, samples)
+        return Scored(loss, float(loss.detach()), correct)
 
     def admit_loss(self, scored: Scored, samples: int, stats: StepStats, t: int, detail: str = "") -> bool:
         """Count one micro-batch of step ``t`` into ``stats`` under ``train.on_nan``.

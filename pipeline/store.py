@@ -22,6 +22,7 @@ import zarr
 from zarr.core.sync import sync
 
 from dasktrain.errors import DataError
+from dasktrain.rows import Rows
 
 ATTRS_KEY = "dasktrain"
 
@@ -54,9 +55,13 @@ class DatasetInfo:
 
     path: str
     inputs: ArraySpec
-    targets: ArraySpec
+    """The inputs array; with ``fields``, the first of them (its shape stands for the inputs')."""
+    targets: ArraySpec | None
+    """The targets array; None where the loss needs none (``loss: model``)."""
     samples: int
     chunk_size: int
+    fields: tuple[ArraySpec, ...] = ()
+    """The arrays of ``data.fields`` (each once, in order); empty: the model takes ``inputs``."""
 
     def chunks(self) -> tuple[Chunk, ...]:
         """All chunks of the store in index order."""
@@ -117,14 +122,19 @@ def replace_store(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
-def open_dataset(path: str | Path, inputs: str, targets: str) -> DatasetInfo:
-    """Open a store and check that it can feed training; errors name the store and the array."""
+def open_dataset(path: str | Path, inputs: str, targets: str | None, fields: tuple[str, ...] = ()) -> DatasetInfo:
+    """Open a store and check that it can feed training; errors name the store and the array.
+
+    ``fields``: arrays the model is called with instead of ``inputs``; ``targets`` None: the loss
+    reads none. Every array named must exist, be numeric and have the same length and chunking."""
     path = str(path)
     group = open_group(path)
-    specs = []
-    lengths = {}
-    chunkings = {}
-    for name in (inputs, targets):
+    x_names = tuple(dict.fromkeys(fields)) or (inputs,)
+    names = x_names + ((targets,) if targets is not None and targets not in x_names else ())
+    specs: dict[str, ArraySpec] = {}
+    lengths: dict[str, int] = {}
+    chunkings: dict[str, int] = {}
+    for name in names:
         if name not in group:
             present = sorted(group.array_keys())
             raise DataError(f"store {path} has no array '{name}' (arrays present: {present})")
@@ -137,22 +147,25 @@ def open_dataset(path: str | Path, inputs: str, targets: str) -> DatasetInfo:
             raise DataError(
                 f"array '{name}' in store {path} has dtype {arr.dtype}, needs a numeric dtype"
             )
-        specs.append(ArraySpec(name, tuple(arr.shape[1:]), np.dtype(arr.dtype)))
+        specs[name] = ArraySpec(name, tuple(arr.shape[1:]), np.dtype(arr.dtype))
         lengths[name] = arr.shape[0]
         chunkings[name] = arr.chunks[0]
-    if lengths[inputs] != lengths[targets]:
-        raise DataError(
-            f"arrays in store {path} differ in length: '{inputs}' has {lengths[inputs]} samples, "
-            f"'{targets}' has {lengths[targets]}"
-        )
-    if chunkings[inputs] != chunkings[targets]:
-        raise DataError(
-            f"arrays in store {path} are chunked differently along axis 0: '{inputs}' by "
-            f"{chunkings[inputs]}, '{targets}' by {chunkings[targets]}; re-ingest with one --chunk-size"
-        )
-    if lengths[inputs] == 0:
+    first = names[0]
+    for name in names[1:]:
+        if lengths[name] != lengths[first]:
+            raise DataError(
+                f"arrays in store {path} differ in length: '{first}' has {lengths[first]} samples, "
+                f"'{name}' has {lengths[name]}"
+            )
+        if chunkings[name] != chunkings[first]:
+            raise DataError(
+                f"arrays in store {path} are chunked differently along axis 0: '{first}' by "
+                f"{chunkings[first]}, '{name}' by {chunkings[name]}; re-ingest with one --chunk-size"
+            )
+    if lengths[first] == 0:
         raise DataError(f"store {path} holds no samples")
-    return DatasetInfo(path, specs[0], specs[1], lengths[inputs], chunkings[inputs])
+    return DatasetInfo(path, specs[x_names[0]], specs[targets] if targets is not None else None, lengths[first],
+                       chunkings[first], tuple(specs[n] for n in x_names) if fields else ())
 
 
 class ChunkReader:
@@ -165,20 +178,25 @@ class ChunkReader:
     def __init__(self, info: DatasetInfo) -> None:
         self.info = info
         group = zarr.open_group(info.path, mode="r")
-        # open_dataset checked that both are arrays
+        # open_dataset checked that every one is an array
         self._inputs = cast(zarr.Array, group[info.inputs.name])
-        self._targets = cast(zarr.Array, group[info.targets.name])
+        self._fields = {spec.name: cast(zarr.Array, group[spec.name]) for spec in info.fields}
+        self._targets = cast(zarr.Array, group[info.targets.name]) if info.targets is not None else None
 
-    def read(self, chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets of ``chunk``."""
-        return self.read_inputs(chunk), self.read_targets(chunk)
+    def read(self, chunk: Chunk) -> tuple[Rows, Rows]:
+        """Inputs (a dict of the fields' arrays, with ``data.fields``) and targets (None where the
+        loss reads none) of ``chunk``."""
+        x: Rows = ({name: self._read(arr, chunk) for name, arr in self._fields.items()} if self._fields
+                   else self.read_inputs(chunk))
+        return x, self.read_targets(chunk) if self._targets is not None else None
 
     def read_inputs(self, chunk: Chunk) -> np.ndarray:
-        """The inputs of ``chunk`` alone (a pipeline's first stage needs no targets)."""
+        """The inputs array of ``chunk`` alone (a pipeline's first stage needs no targets)."""
         return self._read(self._inputs, chunk)
 
     def read_targets(self, chunk: Chunk) -> np.ndarray:
         """The targets of ``chunk`` alone (a pipeline's last stage needs no inputs)."""
+        assert self._targets is not None, "this store was opened without targets"
         return self._read(self._targets, chunk)
 
     def _read(self, arr: zarr.Array, chunk: Chunk) -> np.ndarray:

@@ -43,7 +43,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data and model", ("dasktrain.preflight", "dasktrain.store", "dasktrain.plan", "dasktrain.feed", "dasktrain.cache",
                         "dasktrain.normalize", "dasktrain.ingest", "dasktrain.models", "dasktrain.stages",
                         "dasktrain.objective", "dasktrain.streams", "dasktrain.running_stats",
-                        "dasktrain.allocator")),
+                        "dasktrain.allocator", "dasktrain.rows", "dasktrain.keras_support",
+                        "dasktrain.hf_support")),
 )
 
 SHARED = ("dasktrain", "dasktrain.config", "dasktrain.errors", "dasktrain.checkpoint", "dasktrain.metrics",
