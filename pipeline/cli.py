@@ -284,8 +284,9 @@ def _import_flows() -> Any:
 def _print_outputs(summary: dict[str, Any]) -> None:
     evaluation = summary.get("evaluation")
     if evaluation:
-        scores = "  ".join(f"{k} {_pct(evaluation[k]) if k == 'accuracy' else _num(evaluation[k])}"
-                           for k in ("loss", "accuracy", "error") if k in evaluation)
+        known = ("split", "store", "samples", "predictions")
+        scores = "  ".join(f"{k} {_pct(v) if k == 'accuracy' else _num(v)}" for k, v in evaluation.items()
+                           if k not in known and isinstance(v, (int, float)))
         out.print(f"{evaluation['split']} ({evaluation['samples']} samples): {scores}", soft_wrap=True)
     for label, key in (("predictions", "predictions"), ("curves", "curves"), ("flow run", "flow_run")):
         if summary.get(key):
@@ -456,8 +457,15 @@ def _epoch_line(record: dict[str, Any], epochs: int, per_token: bool = False) ->
         parts.append(f"val loss {_num(record['val_loss'])}{bits}")
     if "val_accuracy" in record:
         parts.append(f"val accuracy {_pct(record['val_accuracy'])}")
+    parts += [f"{key.replace('_', ' ')} {_num(record[key])}" for key in _own_metrics([record])]
     parts.append(f"{record['samples_per_s']:,.0f} samples/s")
     return "  ".join(parts)
+
+
+def _own_metrics(records: list[dict[str, Any]]) -> list[str]:
+    """The keys of the run's own metrics (``metrics``: ``val_<name>``) in epoch records."""
+    known = {"val_loss", "val_accuracy", "val_samples"}
+    return sorted({k for r in records for k in r if k.startswith("val_") and k not in known})
 
 
 def _print_run(result: RunResult, config: RunConfig, run_args: list[str], per_token: bool = False) -> None:
@@ -468,13 +476,15 @@ def _print_run(result: RunResult, config: RunConfig, run_args: list[str], per_to
     epochs = [r for r in read_metrics(result.run_dir) if r.get("kind") == "epoch"]
     table = Table(title="epochs", title_justify="left")
     # per_token: losses are nats per token (a sequence model); a column gives validation bits per token.
-    names = ("epoch", "train loss", "val loss", *(("val bits/token",) if per_token else ()), "val accuracy", "samples/s")
+    own = _own_metrics(epochs)
+    names = ("epoch", "train loss", "val loss", *(("val bits/token",) if per_token else ()), "val accuracy",
+             *(k.replace("_", " ") for k in own), "samples/s")
     for name in names:
         table.add_column(name, justify="right")
     for r in epochs:
         bits = (_bits(r.get("val_loss")),) if per_token else ()
         table.add_row(str(r["epoch"] + 1), _num(r.get("train_loss")), _num(r.get("val_loss")), *bits,
-                      _pct(r.get("val_accuracy")), f"{r['samples_per_s']:,.0f}")
+                      _pct(r.get("val_accuracy")), *(_num(r.get(k)) for k in own), f"{r['samples_per_s']:,.0f}")
     out.print(table)
     run_dir = escape(str(result.run_dir))
     if result.completed:

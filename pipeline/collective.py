@@ -230,12 +230,15 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
         if end.validate:
             val = StepStats()
             replica.validate(val)
-            vector = torch.tensor([val.val_loss_sum, val.val_count, val.val_correct], dtype=torch.float64,
-                                  device=group.device)
+            names = [name for name, _, _ in replica.core.metric_fns]  # the config's order, alike on every rank
+            metric_sums = [x for name in names for x in val.val_metrics.get(name, [0.0, 0.0])]
+            vector = torch.tensor([val.val_loss_sum, val.val_count, val.val_correct, *metric_sums],
+                                  dtype=torch.float64, device=group.device)
             group.sum_(vector)
-            loss, count, correct = vector.tolist()
+            loss, count, correct, *summed_metrics = vector.tolist()
             # float64 sums: exact for whole counts, and a sequence's token accuracy is a fraction
-            result["val"] = {"val_loss_sum": loss, "val_count": round(count), "val_correct": correct}
+            result["val"] = {"val_loss_sum": loss, "val_count": round(count), "val_correct": correct,
+                             "val_metrics": {name: summed_metrics[2 * i : 2 * i + 2] for i, name in enumerate(names)}}
         if end.checkpoint is not None:
             replica.write_checkpoint(stop, end.checkpoint)
         return result

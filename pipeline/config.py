@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -472,6 +473,28 @@ class RunConfig(_Frozen):
     samples), or ``module:callable``, called ``callable(outputs, batch)`` with the batch as a dict
     of tensors (the fields, or ``inputs``; and ``targets``) and returning one loss per sample."""
 
+    metrics: tuple[str, ...] = ()
+    """Metrics of your own on the validation split (and the evaluate stage), each a
+    ``module:callable`` called ``callable(outputs, batch)`` (the batch as for a loss callable)
+    and returning a ``(sum, count)`` pair, e.g. the number of top-3 hits and the samples: the sums
+    and counts are added up over every worker and chunk and the metric is sum / count, reported as
+    ``val_<callable name>``."""
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_paths(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        names: dict[str, str] = {}
+        for path in value:
+            if not re.fullmatch(r"[\w.]+:[\w.]+", path):
+                raise ValueError(f"{path!r} is not a module:callable path")
+            name = metric_name(path)
+            if name in ("loss", "accuracy", "error", "samples", "bits"):
+                raise ValueError(f"{path} would be reported as {name}, which dasktrain reports itself; rename it")
+            if name in names:
+                raise ValueError(f"{names[name]} and {path} would both be reported as val_{name}")
+            names[name] = path
+        return value
+
     @property
     def needs_targets(self) -> bool:
         """Whether the loss reads ``data.targets`` (``loss: model`` takes its labels from the fields)."""
@@ -501,6 +524,7 @@ class RunConfig(_Frozen):
             data.add("fields")
         relevant = self.model_dump(mode="json", exclude={
             "cluster": True, "output_dir": True, "checkpoint": True,
+            "metrics": True,  # measured, not trained on
             "data": data,
             "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger"},
             "model": {"upload"},  # how the code reaches the workers, not what it computes
@@ -509,6 +533,11 @@ class RunConfig(_Frozen):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def metric_name(path: str) -> str:
+    """What a metric ``module:callable`` is reported as, after ``val_``: the callable's own name."""
+    return path.rpartition(":")[2].rpartition(".")[2]
 
 
 def cross_section_problems(config: RunConfig) -> list[str]:
@@ -535,6 +564,10 @@ def cross_section_problems(config: RunConfig) -> list[str]:
         problems.append(
             f"data.fields calls the model with several arrays, and parallel.pipeline={par.pipeline} stages pass "
             "one tensor from stage to stage; use data.inputs, or parallel.pipeline: 1")
+    if par.pipeline > 1 and config.metrics:
+        problems.append(
+            f"metrics need the whole model's output and batch, which no pipeline stage holds "
+            f"(parallel.pipeline={par.pipeline}); drop metrics, or use parallel.pipeline: 1")
     if par.pipeline > 1 and config.loss not in ("cross_entropy", "mse"):
         problems.append(
             f"loss: {config.loss} needs the whole model's output and batch, which no pipeline stage holds "

@@ -27,7 +27,7 @@ from zarr.codecs import ZstdCodec
 
 from dasktrain import rows
 from dasktrain.checkpoint import CHECKPOINTS, latest_checkpoint
-from dasktrain.config import RunConfig
+from dasktrain.config import RunConfig, metric_name
 from dasktrain.errors import CheckpointError, DataError
 from dasktrain.feed import open_reader
 from dasktrain.metrics import METRICS_FILE
@@ -35,10 +35,12 @@ from dasktrain.models import build_model, resolve_callable
 from dasktrain.normalize import read_normalization
 from dasktrain.objective import (
     batch_loss,
+    batch_view,
     call_model,
     cast_field,
     cast_inputs,
     inputs_torch_dtype,
+    metric_sums,
     output_logits,
     prepare_batch,
 )
@@ -113,6 +115,10 @@ def evaluate(client: Client, config: RunConfig, weights: str | Path, split: Eval
         result["accuracy"] = sum(p["correct"] for p in parts) / count if count else float("nan")
     elif config.loss == "mse":
         result["error"] = math.sqrt(loss)
+    for path in config.metrics:  # the run's own, summed over the chunks
+        name = metric_name(path)
+        total, seen = (sum(p["metrics"][name][i] for p in parts) for i in (0, 1))
+        result[name] = total / seen if seen else float("nan")
     return result
 
 
@@ -237,7 +243,7 @@ def _model(config: RunConfig, weights: str) -> nn.Module:
     return model
 
 
-def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk: Chunk) -> dict[str, float]:
+def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk: Chunk) -> dict[str, Any]:
     x_np, y_np = open_reader(dataset, config.data).read(chunk)
     x, y = prepare_batch(config.loss, rows.apply(_tensor, x_np, ""), rows.apply(_tensor, y_np, ""),
                          config.data.inputs_dtype)
@@ -246,7 +252,10 @@ def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk
     with torch.no_grad():
         out = call_model(_model(config, weights), config.data.fields, x)
         loss, correct = batch_loss(config.loss, loss_fn, config.data.fields, out, x, y, samples)
-        return {"loss_sum": float(loss), "correct": correct, "count": samples}
+        batch = batch_view(config.data.fields, x, y)
+        metrics = {metric_name(path): metric_sums(path, resolve_callable(path, "metrics"), out, batch)
+                   for path in config.metrics}
+        return {"loss_sum": float(loss), "correct": correct, "count": samples, "metrics": metrics}
 
 
 def _tensor(array: Any, _: str) -> torch.Tensor:

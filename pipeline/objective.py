@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dasktrain.config import OptimizerConfig, RunConfig, ScheduleConfig
+from dasktrain.errors import DasktrainError
 
 
 def loss_sum(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -159,6 +160,17 @@ def batch_loss(kind: str, loss_fn: Callable[..., Any] | None, fields: dict[str, 
         return user_loss_sum(kind, loss_fn(out, batch_view(fields, inputs, targets)), samples), 0.0
     logits = output_logits(kind, out)
     return loss_sum(kind, logits, targets), correct_count(kind, logits.detach(), targets)
+
+
+def metric_sums(path: str, fn: Callable[..., Any], out: Any, batch: dict[str, Any]) -> tuple[float, float]:
+    """The ``(sum, count)`` a metric ``module:callable`` gives for one batch, as floats; a metric
+    that raises or returns something else stops the run with one line naming it."""
+    try:
+        total, count = fn(out, batch)
+        return float(total), float(count)
+    except Exception as exc:
+        raise DasktrainError(f"metric {path} failed on a batch of {len(next(iter(batch.values())))} samples: "
+                             f"{type(exc).__name__}: {exc} (a metric returns a (sum, count) pair)") from None
 
 
 def user_loss_sum(kind: str, per_sample: Any, samples: int) -> torch.Tensor:

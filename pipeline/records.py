@@ -133,5 +133,7 @@ class _EpochSums:
             record["val_samples"] = validation["val_count"]
             if loss == "cross_entropy":
                 record["val_accuracy"] = validation["val_correct"] / validation["val_count"]
+            for name, (total, count) in validation.get("val_metrics", {}).items():
+                record[f"val_{name}"] = total / count if count else None
         self.reset()
         return record

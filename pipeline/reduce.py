@@ -33,6 +33,8 @@ class StepStats:
     val_loss_sum: float = 0.0
     val_count: int = 0
     val_correct: float = 0.0
+    val_metrics: dict[str, list[float]] = field(default_factory=dict)
+    """The run's own metrics on the validation split: name -> [sum, count]."""
     nonfinite: int = 0
     chunks_read: int = 0
     data_wait_s: float = 0.0
@@ -41,11 +43,21 @@ class StepStats:
     _MAX = ("data_wait_s", "compute_s")
 
     def __add__(self, other: StepStats) -> StepStats:
-        merged = {}
+        merged: dict[str, Any] = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
-            merged[f.name] = max(a, b) if f.name in self._MAX else a + b
+            if isinstance(a, dict):
+                merged[f.name] = {k: [x + y for x, y in zip(a.get(k, (0.0, 0.0)), b.get(k, (0.0, 0.0)))]
+                                  for k in sorted({**a, **b})}
+            else:
+                merged[f.name] = max(a, b) if f.name in self._MAX else a + b
         return StepStats(**merged)
+
+    def add_metric(self, name: str, total: float, count: float) -> None:
+        """Count one batch's ``(sum, count)`` of metric ``name`` into the validation sums."""
+        sums = self.val_metrics.setdefault(name, [0.0, 0.0])
+        sums[0] += total
+        sums[1] += count
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

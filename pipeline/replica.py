@@ -309,6 +309,7 @@ class Replica:
                 stats.val_loss_sum += scored.value
                 stats.val_count += samples
                 stats.val_correct += scored.correct
+                self.core.measure(out, y, x, stats)
 
     def _val_batches(self) -> list[Batch]:
         if self._val_cache is not None:

@@ -60,6 +60,8 @@ def epoch_table(run_dir: str | Path) -> list[dict[str, Any]]:
     """One row per epoch record of ``metrics.jsonl`` (the columns of :data:`EPOCH_COLUMNS` it has)."""
     epochs = [r for r in _records(Path(run_dir)) if r.get("kind") == "epoch"]
     columns = [c for c in EPOCH_COLUMNS if any(c in r for r in epochs)]
+    columns += sorted({k for r in epochs for k in r if k.startswith("val_") and k not in EPOCH_COLUMNS
+                       and k != "val_samples"})  # the run's own metrics
     return [{c: _round(r.get(c)) for c in columns} for r in epochs]
 
 
@@ -79,13 +81,14 @@ def summary_markdown(facts: dict[str, Any]) -> str:
         f"| run directory | `{run_dir}` |",
     ]
     final = facts.get("final_epoch") or {}
-    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+    own = sorted(k for k in final if k.startswith("val_") and k not in ("val_loss", "val_accuracy", "val_samples"))
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy", *own):
         if final.get(key) is not None:
             lines.append(f"| final {key.replace('_', ' ')} | {final[key]:.4f} |")
     evaluation = facts.get("evaluation") or {}
-    for key in ("loss", "accuracy", "error"):
-        if key in evaluation:
-            lines.append(f"| {evaluation['split']} {key} ({evaluation['samples']} samples) | {evaluation[key]:.4f} |")
+    for key, value in evaluation.items():  # loss, accuracy or error, and the run's own metrics
+        if key not in ("split", "store", "samples", "predictions") and isinstance(value, (int, float)):
+            lines.append(f"| {evaluation['split']} {key} ({evaluation['samples']} samples) | {value:.4f} |")
     for label, key in (("model", "model"), ("predictions", "predictions"), ("metrics", "metrics")):
         if facts.get(key):
             lines.append(f"| {label} | `{facts[key]}` |")

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dasktrain.config import RunConfig
+from dasktrain.config import RunConfig, metric_name
 from dasktrain.errors import NonFiniteLossError
 from dasktrain.models import resolve_callable
-from dasktrain.objective import batch_loss, lr_at
+from dasktrain.objective import batch_loss, batch_view, lr_at, metric_sums
 from dasktrain.plan import SamplingPlan
 from dasktrain.reduce import StepStats
 from dasktrain.streams import seed_unit
@@ -63,6 +63,8 @@ class StepCore:
         self.plan = plan
         self.loss_fn = resolve_callable(config.loss, "loss") if ":" in config.loss else None
         """A ``loss: module:callable``, imported once; None for the named losses."""
+        self.metric_fns = [(metric_name(path), path, resolve_callable(path, "metrics")) for path in config.metrics]
+        """The run's own metrics (``metrics``): reported name, path, callable."""
 
     def where(self, t: int) -> str:
         """Global step ``t`` as errors name it, with its epoch and step within the epoch."""
@@ -88,6 +90,14 @@ class StepCore:
         counts correct predictions."""
         loss, correct = batch_loss(self.config.loss, self.loss_fn, self.config.data.fields, out, inputs, y, samples)
         return Scored(loss, float(loss.detach()), correct)
+
+    def measure(self, out: Any, y: Any, inputs: Any, stats: StepStats) -> None:
+        """Add one validation batch's ``(sum, count)`` of every metric of the run to ``stats``."""
+        if not self.metric_fns:
+            return
+        batch = batch_view(self.config.data.fields, inputs, y)
+        for name, path, fn in self.metric_fns:
+            stats.add_metric(name, *metric_sums(path, fn, out, batch))
 
     def admit_loss(self, scored: Scored, samples: int, stats: StepStats, t: int, detail: str = "") -> bool:
         """Count one micro-batch of step ``t`` into ``stats`` under ``train.on_nan``.

@@ -17,9 +17,13 @@ import torch.nn.functional as F
 import yaml
 import zarr
 
+from dasktrain import report
+from dasktrain.config import validate_config
 from dasktrain.errors import DasktrainError, DataError, ShapeMismatchError
+from dasktrain.inference import evaluate, evaluation_split
 from dasktrain.ingest import write_store
-from dasktrain.preflight import preflight
+from dasktrain.metrics import read_metrics
+from dasktrain.preflight import preflight, resolve_splits
 from dasktrain.run_loop import train
 from tests.helpers import local_client, plan_batches, run_config, saved_weights
 from tests.reference import max_relative_error
@@ -137,3 +141,46 @@ def test_a_field_not_in_the_store_is_one_line(store, tmp_path):
     path.write_text(yaml.safe_dump(config))
     line = error_line(dasktrain("run", path))
     assert "has no array 'c'" in line and "three.zarr" in line and "'a'" in line  # names the arrays present
+
+
+# -- metrics of the user's own ---------------------------------------------------------------------
+
+def metrics_config(store: Path, out: Path, *metrics: str, **train_keys: object):
+    config = fields_config(store, out).model_dump(mode="json")
+    config["data"]["validation"] = {"fraction": 0.25}
+    config["metrics"] = list(metrics)
+    config["train"].update(train_keys)
+    return validate_config(config)
+
+
+def top2_of_final_weights(config) -> float:
+    """Top-2 accuracy of the saved model on the validation rows, computed here with torch."""
+    group = zarr.open_group(str(config.data.store), mode="r")
+    splits = resolve_splits(config)
+    rows = np.concatenate([np.arange(c.start, c.stop) for c in splits.val_chunks])
+    a, b, y = (torch.from_numpy(np.asarray(group[name][...])[rows]) for name in ("a", "b", "y"))
+    model = TwoInputs(**config.model.kwargs)
+    model.load_state_dict(saved_weights(config.output_dir))
+    with torch.no_grad():
+        return float((model(a, b).topk(2, dim=1).indices == y.unsqueeze(1)).any(dim=1).double().mean())
+
+
+@pytest.mark.parametrize("reduce", ["tree", "collective"])
+def test_own_metric_is_reduced_over_workers_into_the_epoch_records(store, client, tmp_path, reduce):
+    config = metrics_config(store, tmp_path / "run", "tests.user_models:top2_hits", reduce=reduce)
+    train(config, client=client)
+    epochs = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "epoch"]
+    assert all("val_top2_hits" in r for r in epochs), epochs
+    expected = top2_of_final_weights(config)
+    assert 0.0 < expected < 1.0
+    assert epochs[-1]["val_top2_hits"] == pytest.approx(expected, abs=1e-12)
+    assert [r["val_top2_hits"] for r in report.epoch_table(tmp_path / "run")][-1] == pytest.approx(expected, abs=1e-4)
+    scored = evaluate(client, config, tmp_path / "run", evaluation_split(config))  # the flow's evaluate stage
+    assert scored["split"] == "validation" and scored["top2_hits"] == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_metric_that_raises_is_named(store, client, tmp_path):
+    config = metrics_config(store, tmp_path / "run", "tests.user_models:broken_metric")
+    with pytest.raises(DasktrainError, match=r"metric tests\.user_models:broken_metric failed on a batch of \d+ "
+                                             r"samples: KeyError: 'labels'"):
+        train(config, client=client)

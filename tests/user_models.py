@@ -48,3 +48,14 @@ def weighted_cross_entropy(outputs: torch.Tensor, batch: dict[str, torch.Tensor]
 def batch_mean_loss(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """A mistake users make: the batch's mean, where one loss per sample is asked for."""
     return F.cross_entropy(outputs, batch["targets"])
+
+
+def top2_hits(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Top-2 accuracy as a (hits, samples) pair: the label among the two highest logits."""
+    hits = (outputs.topk(2, dim=1).indices == batch["targets"].unsqueeze(1)).any(dim=1)
+    return hits.sum(), len(hits)
+
+
+def broken_metric(outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """A metric with a bug: it indexes a key the batch does not have."""
+    return float(batch["labels"].sum()), 1.0
