@@ -31,12 +31,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.runtime import flow_run, task_run
 from prefect.utilities.annotations import quote
+from safetensors.torch import load_file
 
-from dasktrain import inference, report, run_loop
+from dasktrain import hf_support, inference, report, run_loop
 from dasktrain.checkpoint import latest_checkpoint
 from dasktrain.config import RunConfig, check_flow_run_overrides, load_config, validate_config
 from dasktrain.errors import ClusterError, ConfigError
 from dasktrain.flows import prefect_api
+from dasktrain.models import build_model
 from dasktrain.preflight import Preflight
 from dasktrain.prepare import prepare_data
 from dasktrain.run_dir import MODEL_FILE
@@ -152,8 +154,15 @@ def evaluate(config: RunConfig, client: Client) -> dict[str, Any]:
 def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any],
             evaluation: dict[str, Any] | None) -> dict[str, Any]:
     """The loss curve PNG and evaluation in the run directory; the summary and the epoch table as
-    Prefect artifacts."""
+    Prefect artifacts. A completed run whose model is a Hugging Face ``PreTrainedModel`` is also
+    written as a directory ``from_pretrained`` loads (``hf/`` in the run directory)."""
     run_dir = Path(config.output_dir)
+    pretrained = None
+    # Built only when it may be a Hugging Face model: a look-up in sys.modules decides for any other.
+    if trained["completed"] and hf_support.may_be_pretrained(config.model.factory):
+        model = build_model(config.model, config.train.seed)
+        model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
+        pretrained = hf_support.save_pretrained_dir(model, run_dir / hf_support.PRETRAINED_DIR)
     epochs = [r for r in report.epoch_table(run_dir)]
     facts: dict[str, Any] = {
         **prepared, "config_digest": config.digest(), "run_dir": str(run_dir.resolve()),
@@ -162,6 +171,7 @@ def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any]
         "final_epoch": epochs[-1] if epochs else None, "evaluation": evaluation,
         "metrics": str((run_dir / "metrics.jsonl").resolve()),
         "model": str((run_dir / MODEL_FILE).resolve()) if trained["completed"] else None,
+        "hf_pretrained": str(pretrained.resolve()) if pretrained is not None else None,
         "predictions": evaluation["predictions"]["store"] if evaluation else None,
         "curves": str(report.plot_curves(run_dir).resolve()),
         "flow_run": flow_run.name, "flow_run_id": str(flow_run.id),

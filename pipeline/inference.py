@@ -280,7 +280,7 @@ def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_sto
         _array(group, PREDICTIONS)[chunk.start : chunk.stop] = out.numpy().astype(np.float32)
     if LABELS in group:
         _array(group, LABELS)[chunk.start : chunk.stop] = out.argmax(dim=-1).numpy().astype(np.int64)
-    return len(x)
+    return chunk.size
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dasktrain import keras_support
+from dasktrain import hf_support, keras_support
 from dasktrain.config import ModelConfig
 from dasktrain.errors import ConfigError
 
@@ -226,6 +226,7 @@ def build_model(config: ModelConfig, seed: int) -> nn.Module:
         except Exception as exc:  # the user's factory failed: say which one, and its own words
             raise ConfigError(f"model.factory {config.factory} raised {type(exc).__name__}: {exc}") from None
     model = keras_support.adapt(model, config.factory)
+    model = hf_support.adapt(model)  # tied weights saved once, as Hugging Face's own files hold them
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model.factory {config.factory} returned {type(model).__name__}, not a torch nn.Module")
     return model

@@ -89,7 +89,8 @@ def summary_markdown(facts: dict[str, Any]) -> str:
     for key, value in evaluation.items():  # loss, accuracy or error, and the run's own metrics
         if key not in ("split", "store", "samples", "predictions") and isinstance(value, (int, float)):
             lines.append(f"| {evaluation['split']} {key} ({evaluation['samples']} samples) | {value:.4f} |")
-    for label, key in (("model", "model"), ("predictions", "predictions"), ("metrics", "metrics")):
+    for label, key in (("model", "model"), ("Hugging Face directory", "hf_pretrained"),
+                       ("predictions", "predictions"), ("metrics", "metrics")):
         if facts.get(key):
             lines.append(f"| {label} | `{facts[key]}` |")
     curves = Path(facts["curves"]).resolve() if facts.get("curves") else None
