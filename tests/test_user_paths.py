@@ -16,10 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from benchmarks.compare import MODES
+from dasktrain.config import load_config
+from dasktrain.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+DIGITS = Path(__file__).resolve().parents[1] / "examples" / "digits.yaml"
 
 
 def run_command(args: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
@@ -41,25 +48,34 @@ def tail(output: str, chars: int = 8000) -> str:
 
 
 @pytest.mark.timeout(600)
-def test_example_script_trains_with_the_embedded_prefect_api(tmp_path):
+def test_example_script_trains_the_shipped_example_to_95_percent_with_the_local_prefect_api(tmp_path):
+    """What a user runs first, as shipped (every epoch, on 2 workers), with Prefect's local API."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile of this machine's can name a server
     out = tmp_path / "run"
-    command = ["bash", "scripts/example.sh", "--set", "train.epochs=2", "--set", f"output_dir={out}"]
+    command = ["bash", "scripts/example.sh", "--set", f"output_dir={out}"]
     code, output = run_command(command, env, timeout=540)
     context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
     assert code == 0, context
-    assert (out / "model.safetensors").is_file(), context
+    config = load_config(DIGITS, [f"output_dir={out}"])
+    assert config.cluster.workers == 2
+    n = config.train.epochs
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in records if r["kind"] == "step"]
     epochs = [r for r in records if r["kind"] == "epoch"]
-    assert [r["epoch"] for r in epochs] == [0, 1], context
-    assert all(r["val_accuracy"] > 0.5 for r in epochs), context
+    assert [r["epoch"] for r in epochs] == list(range(n)), context
+    assert [r["global_step"] for r in steps] == list(range(n * 23)), context  # 23 training chunks of 64 samples
+    assert epochs[-1]["val_accuracy"] >= 0.95, epochs
     # The printed epoch table: its header and one row per epoch; then where the model went.
     assert re.search(r"epoch\s*┃\s*train loss\s*┃\s*val loss\s*┃\s*val accuracy", output), context
     rows = re.findall(r"^│\s+(\d+)\s+│\s+\d+\.\d+\s+│", output, flags=re.MULTILINE)
-    assert rows == ["1", "2"], context
+    assert rows == [str(e) for e in range(1, n + 1)], context
     assert f"model:   {out / 'model.safetensors'}" in output, context
     assert "runs/digits already holds a run" not in output, context
+    weights = load_file(out / "model.safetensors")
+    assert weights.keys() == build_model(config.model, config.train.seed).state_dict().keys()
+    assert all(bool(torch.isfinite(t).all()) for t in weights.values())
+    assert load_config(out / "config.yaml") == config
 
 
 @pytest.mark.timeout(300)
