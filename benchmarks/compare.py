@@ -84,6 +84,9 @@ from dasktrain.run_loop import train
 MODELS = {
     "mlp": ({"factory": "dasktrain.models:mlp",
              "kwargs": {"in_features": 784, "out_features": 10, "hidden": [1024, 1024]}}, (784,)),
+    # Compute near zero: a step's time is the orchestration around it (benchmarks/overhead.py).
+    "tiny": ({"factory": "dasktrain.models:mlp",
+              "kwargs": {"in_features": 16, "out_features": 10, "hidden": [16]}}, (16,)),
     "cnn": ({"factory": "dasktrain.models:cnn",
              "kwargs": {"in_channels": 3, "num_classes": 10, "image_size": 32}}, (3, 32, 32)),
 }

@@ -94,3 +94,15 @@ def test_benchmark_runner_prints_every_contender(tmp_path):
         row = [line for line in output.splitlines() if line.startswith(name)]
         assert len(row) == 1 and "failed" not in row[0], f"row of {name!r}: {row}; {context}"
         assert all(isinstance(run, dict) for run in results[name]), f"{name}: {results[name]}; {context}"
+
+
+@pytest.mark.timeout(240)
+def test_overhead_benchmark_prints_a_row_per_worker_count(tmp_path):
+    figures = tmp_path / "overhead.json"
+    command = [sys.executable, "-m", "benchmarks.overhead", "--workers", "1", "--steps", "20", "--out", str(figures)]
+    code, output = run_command(command, dict(os.environ), timeout=200)
+    context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
+    assert code == 0, context
+    assert re.search(r"^\s+1\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+\d+\.\dx\s+\d+\.\dx$", output, flags=re.MULTILINE), context
+    row = json.loads(figures.read_text())["ms_per_step"]["1"]
+    assert sorted(row) == ["collective", "ddp", "tree"] and all(isinstance(v, float) and v > 0 for v in row.values())
