@@ -461,6 +461,11 @@ class CheckpointConfig(_Frozen):
     """Newest checkpoints kept; older ones are deleted after a newer one is complete."""
 
 
+DIGEST_WHEN_SET = ("inputs_dtype", "fields")
+"""``data`` keys that enter the config digest only away from their defaults: added after runs
+existed, whose ``--resume`` must keep finding the digest they were written with."""
+
+
 class RunConfig(_Frozen):
     """Everything a training run needs; saved as ``config.yaml`` in the run directory."""
 
@@ -518,10 +523,8 @@ class RunConfig(_Frozen):
     def digest(self) -> str:
         """Short hash of the settings that decide the training trajectory (not of where it runs)."""
         data = {"test_store", "source", "source_chunk_size"}
-        if self.data.inputs_dtype == "float":
-            data.add("inputs_dtype")  # keys added later: configs that leave them at their default keep their digest
-        if self.data.fields is None:
-            data.add("fields")
+        # Keys added after runs existed enter only when set, so those runs keep their digest.
+        data.update(k for k in DIGEST_WHEN_SET if getattr(self.data, k) == DataConfig.model_fields[k].default)
         relevant = self.model_dump(mode="json", exclude={
             "cluster": True, "output_dir": True, "checkpoint": True,
             "metrics": True,  # measured, not trained on

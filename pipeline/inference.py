@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,14 @@ from dasktrain.objective import (
     call_model,
     cast_field,
     cast_inputs,
-    inputs_torch_dtype,
     metric_sums,
     output_logits,
     prepare_batch,
+    probe_inputs,
 )
 from dasktrain.preflight import resolve_splits
 from dasktrain.run_lock import locks_run_dir_of
-from dasktrain.store import ATTRS_KEY, Chunk, DatasetInfo, open_dataset, open_group, replace_store
+from dasktrain.store import ATTRS_KEY, ArraySpec, Chunk, DatasetInfo, open_dataset, open_group, replace_store
 
 PREDICTIONS = "predictions"
 LABELS = "labels"
@@ -134,14 +135,13 @@ def predict(client: Client, config: RunConfig, weights: str | Path, input_store:
     check_output(config, input_store, output_store, overwrite)
     if config.data.fields is not None:
         info = open_dataset(input_store, config.data.inputs, None, config.data.field_arrays)
-        samples, chunk_size = info.samples, info.chunk_size
-        shapes: dict[str, Any] = {a.name: a for a in info.fields}
+        samples, chunk_size, fields, sample_shape = info.samples, info.chunk_size, info.fields, info.inputs.sample_shape
     else:
         samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs)
-        shapes = {config.data.inputs: sample_shape}
+        fields = ()
     if config.data.normalize:
         read_normalization(config.data.store, config.data.inputs)  # fail here, naming the store
-    out_shape = _output_shape(config, shapes)
+    out_shape = _output_shape(config, fields, sample_shape)
     tmp = output_store.with_name(f".{output_store.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -304,22 +304,15 @@ def _inputs_layout(store: str, name: str) -> tuple[int, int, tuple[int, ...]]:
     return int(arr.shape[0]), int(arr.chunks[0]), tuple(arr.shape[1:])
 
 
-def _output_shape(config: RunConfig, arrays: dict[str, Any]) -> tuple[int, ...]:
+def _output_shape(config: RunConfig, fields: Sequence[ArraySpec], inputs_shape: Sequence[int]) -> tuple[int, ...]:
     """Per-sample output shape (of the output's logits, for an output that is not a tensor), found
-    on the ``meta`` device (no memory, no compute). ``arrays``: the inputs' sample shape by array
-    name, or with ``data.fields`` the fields' :class:`ArraySpec` by array name."""
+    on the ``meta`` device (no memory, no compute), for ``data.fields``' arrays or the inputs."""
+    what = (", ".join(f"'{spec.name}' {spec.sample_shape}" for spec in fields) if config.data.fields is not None
+            else f"inputs of shape {tuple(inputs_shape)}")
     with torch.device("meta"):
         model = build_model(config.model, config.train.seed)
-        x: Any
-        if config.data.fields is not None:
-            x = {name: cast_field(torch.zeros((2, *spec.sample_shape), dtype=torch.from_numpy(np.empty(0, spec.dtype)).dtype))
-                 for name, spec in arrays.items()}
-            what = ", ".join(f"'{name}' {spec.sample_shape}" for name, spec in arrays.items())
-        else:
-            (shape,) = arrays.values()
-            x = torch.zeros((2, *shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
-            what = f"inputs of shape {tuple(shape)}"
         try:
+            x = probe_inputs(config.data, fields, inputs_shape)
             out = output_logits("predictions", call_model(model, config.data.fields, x))
         except Exception as exc:
             raise DataError(f"model {config.model.factory} cannot take {what}: {exc}") from None

@@ -9,15 +9,17 @@ last batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dasktrain.config import OptimizerConfig, RunConfig, ScheduleConfig
+from dasktrain.config import DataConfig, OptimizerConfig, RunConfig, ScheduleConfig
 from dasktrain.errors import DasktrainError
+from dasktrain.store import ArraySpec
 
 
 def loss_sum(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,6 +59,17 @@ INPUT_DTYPES: dict[str, torch.dtype | None] = {"float": None, "int64": torch.int
 def inputs_torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of ``data.inputs_dtype`` ``name``: the default float dtype, or int64."""
     return INPUT_DTYPES[name] or torch.get_default_dtype()
+
+
+def probe_inputs(data: DataConfig, fields: Sequence[ArraySpec], inputs_shape: Sequence[int]) -> Any:
+    """Two samples of zeros as the model takes them (run on the ``meta`` device to find output
+    shapes): a dict of ``fields``' arrays in their own kinds with ``data.fields``, else the inputs
+    of ``inputs_shape`` under ``data.inputs_dtype``."""
+    if data.fields is not None:
+        return {spec.name: cast_field(torch.zeros((2, *spec.sample_shape),
+                                                  dtype=torch.from_numpy(np.empty(0, spec.dtype)).dtype))
+                for spec in fields}
+    return torch.zeros((2, *inputs_shape), dtype=inputs_torch_dtype(data.inputs_dtype))
 
 
 def cast_inputs(name: str, inputs: torch.Tensor) -> torch.Tensor:

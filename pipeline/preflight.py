@@ -12,7 +12,6 @@ them when the config is built.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +20,7 @@ from torch import nn
 from dasktrain.config import RunConfig
 from dasktrain.errors import ShapeMismatchError
 from dasktrain.models import build_model
-from dasktrain.objective import call_model, cast_field, inputs_torch_dtype, model_loss, output_logits
+from dasktrain.objective import call_model, model_loss, output_logits, probe_inputs
 from dasktrain.plan import SamplingPlan, plan_for, split_validation
 from dasktrain.stages import as_sequential, build_layers, plan_stages
 from dasktrain.store import Chunk, DatasetInfo, open_dataset
@@ -124,13 +123,10 @@ def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
             model = as_sequential(build_layers(config, device="meta")[0])
         else:
             model = build_model(config.model, config.train.seed)
-        x: Any
+        x = probe_inputs(config.data, dataset.fields, inputs.sample_shape)
         if dataset.fields:
-            x = {spec.name: cast_field(torch.zeros((2, *spec.sample_shape), dtype=_torch_dtype(spec.dtype)))
-                 for spec in dataset.fields}
             taken = ", ".join(f"'{spec.name}' {spec.sample_shape}" for spec in dataset.fields)
         else:
-            x = torch.zeros((2, *inputs.sample_shape), dtype=inputs_torch_dtype(config.data.inputs_dtype))
             taken = f"'{inputs.name}', whose samples have shape {inputs.sample_shape}"
         try:
             out = call_model(model, fields, x)
@@ -173,7 +169,3 @@ def check_model_fits(config: RunConfig, dataset: DatasetInfo) -> None:
             f"array '{targets.name}' of {where} holds targets of shape {targets.sample_shape}"
         )
 
-
-def _torch_dtype(dtype: np.dtype) -> torch.dtype:
-    """The torch dtype of a store array's NumPy dtype."""
-    return torch.from_numpy(np.empty(0, dtype)).dtype
