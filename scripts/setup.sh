@@ -19,6 +19,6 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "${pip[@]}" install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "${TORCH_SPEC:-torch==2.13.0}"
 fi
 echo "setup: installing dasktrain and its dependencies into $VENV"
-"${pip[@]}" install -e ".[test,jobqueue,dashboard,keras,huggingface]" 2>&1 | grep -v "^WARNING: Location" || true
+"${pip[@]}" install -e ".[test,jobqueue,dashboard,keras,huggingface,s3,tracking]" 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -c "import dasktrain, torch, dask, distributed, zarr, prefect" \
   || { echo "setup: the environment in $VENV is incomplete" >&2; exit 1; }
