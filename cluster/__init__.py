@@ -5,14 +5,16 @@ function that turns a spec into a running cluster and a connected ``Client``.
   or an existing scheduler; waiting for workers; closing on every exit path.
 - ``tls``: the certificates of ``security: tls`` (generated for local kinds, files otherwise).
 - ``upload``: ``model.upload``, the user's own code sent to every worker (Dask's ``UploadFile``).
+- ``latency``: Dask's streams set to send each message at once (a step waits on a few of them).
 
 The spec itself, and the reading of spec files, is :class:`dasktrain.config.ClusterConfig`.
 """
 
 from __future__ import annotations
 
+from dasktrain.cluster.latency import send_without_delay
 from dasktrain.cluster.specs import open_cluster, visible_gpus
 from dasktrain.cluster.tls import cluster_security
 from dasktrain.cluster.upload import upload_user_code
 
-__all__ = ["cluster_security", "open_cluster", "upload_user_code", "visible_gpus"]
+__all__ = ["cluster_security", "open_cluster", "send_without_delay", "upload_user_code", "visible_gpus"]

@@ -12,9 +12,11 @@ on the workers:
   run's replica (a private group object, not torch's process-global default group, so runs never
   clash; see :mod:`dasktrain.registry`);
 - :func:`run_segment`: steps ``[start, stop)`` with no task boundary between them. Each step,
-  every rank computes its fused gradient, the ranks all-reduce a small stats vector first (so
-  that a rank that failed makes every rank stop at the same step, instead of leaving the
-  others blocked in the gradient all-reduce), then the gradient, and apply the same update.
+  every rank computes its fused gradient, summed over the ranks in buckets launched from
+  backward as each bucket is made (:class:`BucketedSum`, as torch's DDP does), then the ranks
+  all-reduce a small stats vector, whose failure flag makes every rank stop at the same step
+  when one failed, and apply the same update. Every rank launches every bucket every step,
+  failed or not, so no rank is left waiting in an all-reduce the others never start.
 
 A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
 :data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 from distributed import get_worker
 from distributed.comm import get_address_host
+from torch import nn
 
 from dasktrain.errors import DasktrainError
 from dasktrain.reduce import StepStats
@@ -85,6 +88,9 @@ class CollectiveGroup:
             group = dist.ProcessGroupGloo(store, rank, size, gloo_options)
         self.group = group
 
+        self.buckets: BucketedSum | None = None
+        """The replica's gradient buckets, for a group of more than one rank (see :func:`join_group`)."""
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it (as it is, for a group of one)."""
         if self.size > 1:
@@ -92,13 +98,101 @@ class CollectiveGroup:
         return tensor
 
     def close(self) -> None:
-        """Release the group's connections (a regroup makes a new one)."""
+        """Release the group's connections (a regroup makes a new one) and its gradient hooks."""
+        if self.buckets is not None:
+            self.buckets.close()
         shutdown = getattr(self.group, "shutdown", None)
         if shutdown is not None:
             try:
                 shutdown()
             except RuntimeError:  # peers already gone: nothing left to close politely
                 pass
+
+
+class BucketedSum:
+    """One rank's gradient all-reduce, cut in buckets, each launched as soon as backward has made it.
+
+    A bucket is a run of parameters in the reverse order of the model's (about the order in which
+    backward finishes them), so each is one contiguous slice of the flat gradient buffer, of at
+    most ``cap_bytes`` (``train.bucket_mb``; a larger parameter is a bucket of its own). Every
+    step, every rank launches every bucket once, in bucket order: one that backward finishes early
+    waits for the ones before it, and what backward did not reach (a parameter the step did not
+    use, a step that failed or was voided) is launched by :meth:`finish`. Ranks thus always pair
+    their all-reduces, whatever happened on one of them; the sums are the same as one all-reduce
+    of the whole buffer, element by element.
+
+    Hooks (``register_post_accumulate_grad_hook``) fire for every backward pass; they only count
+    during the step's last one (:meth:`last_backward`), when each parameter's gradient is whole.
+    """
+
+    def __init__(self, group: CollectiveGroup, params: list[nn.Parameter], width: int, cap_bytes: int) -> None:
+        self.group = group
+        offsets = [0]
+        for p in params:
+            offsets.append(offsets[-1] + p.numel())
+        self.spans: list[tuple[int, int]] = []
+        """Each bucket's slice of the flat buffer, in launch order (from the buffer's end)."""
+        self.members: list[int] = []
+        bucket_of: dict[int, int] = {}
+        for i in reversed(range(len(params))):
+            lo, hi = offsets[i], offsets[i + 1]
+            size = 4 * (hi - lo)
+            if self.spans and 4 * (self.spans[-1][1] - lo) <= cap_bytes and size <= cap_bytes:
+                self.spans[-1] = (lo, self.spans[-1][1])
+                self.members[-1] += 1
+            else:
+                self.spans.append((lo, hi))
+                self.members.append(1)
+            bucket_of[i] = len(self.spans) - 1
+        self.tail = (offsets[-1], width) if width > offsets[-1] else None
+        """Running-statistics updates after the gradients: whole only after the last unit, so
+        launched by :meth:`finish`."""
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(bucket_of[i])) for i, p in enumerate(params)]
+        self._flat: torch.Tensor | None = None
+        self._missing: list[int] = []
+        self._next = 0
+        self._works: list[Any] = []
+
+    def begin(self) -> None:
+        """A new step: no bucket made, none launched."""
+        self._flat, self._missing, self._next, self._works = None, list(self.members), 0, []
+
+    def last_backward(self, flat: torch.Tensor) -> None:
+        self._flat = flat
+
+    def finish(self, flat: torch.Tensor) -> list[Any]:
+        """Launch, on ``flat``, every bucket not launched yet (in order), then the tail; returns
+        the step's pending all-reduces."""
+        self._flat = flat
+        self._launch(len(self.spans))
+        if self.tail is not None:
+            self._works.append(self.group.group.allreduce([flat[self.tail[0]:self.tail[1]]]))
+        works, self._works, self._flat = self._works, [], None
+        return works
+
+    def close(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _hook(self, bucket: int) -> Any:
+        def made(_: torch.Tensor) -> None:
+            if self._flat is None:  # not the step's last backward pass
+                return
+            self._missing[bucket] -= 1
+            if self._missing[bucket] == 0:
+                ready = self._next
+                while ready < len(self.spans) and self._missing[ready] <= 0:
+                    ready += 1
+                self._launch(ready)
+        return made
+
+    def _launch(self, upto: int) -> None:
+        assert self._flat is not None
+        while self._next < upto:
+            lo, hi = self.spans[self._next]
+            self._works.append(self.group.group.allreduce([self._flat[lo:hi]]))
+            self._next += 1
 
 
 _GROUPS: Resident[CollectiveGroup] = Resident("process group", CollectiveGroup.close)
@@ -168,6 +262,10 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
     _GROUPS.discard(run_id)  # the previous generation's group
     group = CollectiveGroup(prefixed, rank, size, host, replica.place.device, timeout)
     group.store = store
+    if size > 1:
+        cap = int(replica.spec.config.train.bucket_mb * 2**20)
+        group.buckets = BucketedSum(group, replica.params, replica.width, cap)
+    replica.grad_sink = group.buckets
     _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 
@@ -204,23 +302,27 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
             began = time.perf_counter()
             stats = StepStats()
             failure: Exception | None = None
+            if group.buckets is not None:
+                group.buckets.begin()
             try:
-                grads = replica.local_grads(t, stats)
+                grads = replica.local_grads(t, stats)  # launches the gradient buckets as backward makes them
                 (flat,) = grads.values()
-            except Exception as exc:  # every rank must reach the all-reduce below, failed or not
+            except Exception as exc:  # every rank must reach the all-reduces below, failed or not
                 failure, flat = exc, replica.place.zeros(replica.width)
+            reduce_began = time.perf_counter()
+            pending = group.buckets.finish(flat) if group.buckets is not None else []
             vector = torch.tensor([float(getattr(stats, f)) for f in _STATS] + [1.0 if failure else 0.0],
                                   dtype=torch.float64, device=group.device)
-            reduce_began = time.perf_counter()
             group.sum_(vector)
+            for work in pending:
+                work.wait()
+            reduced_s = time.perf_counter() - reduce_began
             totals = vector.tolist()
             if failure is not None:
                 raise failure
             if totals[_FAILED]:
                 raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
                                       "its error is the one this run reports")
-            group.sum_(flat)
-            reduced_s = time.perf_counter() - reduce_began
             summed = _summed(totals[:_FAILED], group.size)
             replica.apply_sum(t, flat, summed)
             record = summed.as_dict()

@@ -205,6 +205,10 @@ class TrainConfig(_Frozen):
     accumulate: int = Field(default=1, ge=1)
     """Micro-batches each worker splits its part of a step into, run one after the other before the
     gradients are summed: the same update as one pass, with the activations of 1/K of the samples."""
+    bucket_mb: float = Field(default=25.0, gt=0)
+    """``reduce: collective``: most MiB of gradients summed by one all-reduce. Buckets are launched
+    from backward as each is made, so the sums of the last layers overlap the backward pass of the
+    first ones (torch DDP's ``bucket_cap_mb``, whose default this is)."""
     grad_transfer: Literal["fp32", "bf16"] = "fp32"
     """Dtype gradients travel in between Dask tasks (``reduce: tree``): ``bf16`` halves the bytes
     moved; every sum is still taken in fp32, and the optimizer sees fp32."""
@@ -529,7 +533,7 @@ class RunConfig(_Frozen):
             "cluster": True, "output_dir": True, "checkpoint": True,
             "metrics": True,  # measured, not trained on
             "data": data,
-            "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger"},
+            "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger", "bucket_mb"},
             "model": {"upload"},  # how the code reaches the workers, not what it computes
         })
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

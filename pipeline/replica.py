@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -59,6 +59,14 @@ _REPLICAS: Resident[Replica] = Resident("replica", lambda replica: replica.close
 VAL_CACHE_BYTES = 256 * 2**20
 HISTORY_STEPS = 256
 """Root stats of this many applied steps stay on the replica (a few hundred bytes each)."""
+
+
+class GradSink(Protocol):
+    """Whatever reduces a replica's gradients while backward still runs."""
+
+    def last_backward(self, flat: torch.Tensor) -> None:
+        """The step's last backward pass is about to start, accumulating into ``flat``: each
+        parameter's gradient is whole once that pass has added to it."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,9 @@ class Replica:
         self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs, cache)
         self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
         self._val_cache: list[Batch] | None = None
+        self.grad_sink: GradSink | None = None
+        """Told when a step's last backward pass starts (``reduce: collective`` then sums each
+        bucket of gradients as soon as backward has made it: see :mod:`dasktrain.collective`)."""
 
     # -- the step -------------------------------------------------------------------------
 
@@ -236,13 +247,17 @@ class Replica:
         flat = self.place.zeros(self.width)
         self.core.bind(flat)  # backward accumulates straight into the flat buffer
         stats_segment = flat[self.numel:]
+        pieces_of = [min(cfg.train.accumulate, rows.count(x)) for _, (x, _) in units]
+        last_unit = max((u for u, n in enumerate(pieces_of) if n), default=-1)  # the one whose last piece ends the step
         for u, (shard, (x_all, y_all)) in enumerate(units):
             size = rows.count(x_all)
-            pieces = min(cfg.train.accumulate, size)
+            pieces = pieces_of[u]
             bounds = np.linspace(0, size, pieces + 1).round().astype(int)
             for piece, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
                 self.core.seed(t, shard, piece)
                 self.running.begin_unit()
+                if self.grad_sink is not None and u == last_unit and piece == pieces - 1:
+                    self.grad_sink.last_backward(flat)
                 if not self._accumulate(rows.take(x_all, lo, hi), rows.take(y_all, lo, hi), t, stats):
                     # The step is void: the rest of its samples are counted all the same.
                     stats.count += size - int(hi) + sum(rows.count(x) for _, (x, _) in units[u + 1:])

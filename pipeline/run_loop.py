@@ -32,7 +32,7 @@ from typing import Any
 from distributed import Client
 
 from dasktrain.checkpoint import save_model
-from dasktrain.cluster import open_cluster, upload_user_code
+from dasktrain.cluster import open_cluster, send_without_delay, upload_user_code
 from dasktrain.config import RunConfig, cross_section_problems
 from dasktrain.engines import make_engine
 from dasktrain.engines.base import Cadence, Engine, RunContext, WorkersChanged
@@ -81,6 +81,7 @@ def train(
         cadence = Cadence(start, end, plan.steps_per_epoch, config.checkpoint.every_steps)
         with _client_for(config, client) as c:
             upload_user_code(c, config.model.upload)  # the user's code on every worker, also those that join later
+            send_without_delay(c)  # a step waits on a few small messages: no batching delay on them
             ctx = RunContext(config, c, splits, plan, run_dir, uuid.uuid4().hex[:10], cadence, data_layout(config))
             engine = make_engine(ctx, stages)
             metrics = MetricsLog(run_dir, resume_step=start if start else None)

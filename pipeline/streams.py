@@ -32,8 +32,17 @@ def unit_seed(seed: int, step: int, shard: int, piece: int = 0, stage: int = 0) 
 
 
 def seed_unit(seed: int, step: int, shard: int, piece: int = 0, stage: int = 0) -> None:
-    """Reseed torch's generators (CPU and, when present, CUDA) for one forward unit."""
-    torch.manual_seed(unit_seed(seed, step, shard, piece, stage))
+    """Reseed torch's generators (CPU and, once CUDA is in use, CUDA's) for one forward unit.
+
+    Not ``torch.manual_seed``: in a process that has not initialised CUDA (every CPU worker) it
+    also queues a lazy reseed of each accelerator backend, and each of those records the
+    caller's formatted stack: about a millisecond per call, once per forward unit, which was most
+    of a small model's step. A process that uses CUDA has initialised it before its first forward
+    unit, so its generators are reseeded here directly."""
+    value = unit_seed(seed, step, shard, piece, stage)
+    torch.default_generator.manual_seed(value)
+    if torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(value)
 
 
 def needs_per_shard_forward(model: nn.Module) -> bool:

@@ -129,7 +129,7 @@ def loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown loss {kind!r}")
 
 
-def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.ndarray]],
+def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.ndarray] | None],
                       total_steps: int | None = None, clip: float | None = None,
                       grad_norms: list[float] | None = None) -> dict[str, torch.Tensor]:
     """Weights after one optimizer step per entry of ``batches``, with the learning rate of a run of
@@ -143,7 +143,8 @@ def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.nd
     index arrays, one forward pass each (the shards' micro-batches), for models with batch
     normalisation, under the documented policy for running statistics: every micro-batch starts
     from the step's statistics, the step adds the sample-weighted mean of their updates, and
-    ``num_batches_tracked`` grows by one per step.
+    ``num_batches_tracked`` grows by one per step. An entry of None is a step whose update was
+    skipped (``on_nan: skip_step``): no update, but it still counts in the learning-rate schedule.
     """
     if getattr(config.data, "normalize", False):
         raise NotImplementedError("the reference loop does not standardise inputs (data.normalize)")
@@ -157,6 +158,8 @@ def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.nd
     schedule = config.schedule
     model.train()
     for step, entry in enumerate(batches):
+        if entry is None:
+            continue
         parts = [entry] if isinstance(entry, np.ndarray) else [p for p in entry if len(p)]
         count = sum(len(p) for p in parts)
         start = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]

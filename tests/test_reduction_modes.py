@@ -1,6 +1,7 @@
 """Every way of summing gradients learns what one process learns, on real worker processes.
 
-``reduce: collective`` (a gloo process group inside many-step tasks), ``accumulate`` (several
+``reduce: collective`` (a gloo process group inside many-step tasks; gradients summed in one
+bucket, and in one bucket per parameter, launched from backward), ``accumulate`` (several
 micro-batches per update) and ``grad_transfer: bf16`` (gradients sent in bf16, summed in fp32)
 are checked against the single-process reference loop, as the tree mode is in
 test_equivalence.py; the collective mode also against a killed worker and a NaN on one rank.
@@ -25,7 +26,10 @@ pytestmark = pytest.mark.timeout(240)
 
 MODES = {  # name: (train settings, data settings, relative tolerance against the reference)
     "collective": ({"reduce": "collective"}, {}, 1e-5),
-    "collective-accumulate-cache": ({"reduce": "collective", "accumulate": 3}, {"cache": True}, 1e-5),
+    # Buckets of one parameter each (bucket_mb, a tenth of a KiB): several all-reduces per step,
+    # each launched from the last of the three backward passes.
+    "collective-accumulate-cache-buckets": ({"reduce": "collective", "accumulate": 3, "bucket_mb": 1e-4},
+                                            {"cache": True}, 1e-5),
     "tree-accumulate": ({"accumulate": 4}, {}, 1e-5),
     "tree-deterministic-accumulate-cache": ({"deterministic": True, "accumulate": 3}, {"cache": True}, 1e-5),
     # bf16 keeps 8 bits of mantissa: each transfer rounds by up to 2**-9 of a gradient.
@@ -70,7 +74,7 @@ def test_mode_equals_single_process(store, client, tmp_path, mode):
 
 def test_collective_on_three_workers_equals_single_process(store, tmp_path):
     # An odd rank count: uneven shard blocks, and a group beyond a pair.
-    config = mode_config(store, tmp_path / "run", reduce="collective", accumulate=2)
+    config = mode_config(store, tmp_path / "run", reduce="collective", accumulate=2, bucket_mb=1e-4)
     with local_client(3) as client:
         train(config, client=client)
     assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
@@ -86,7 +90,7 @@ def test_collective_rejects_what_it_cannot_honour(store, tmp_path):
 def test_collective_killed_worker_regroups_with_exact_accounting(store, tmp_path):
     config = run_config(store, tmp_path / "run", optimizer={"name": "adamw", "lr": 0.003},
                         train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3, "ledger": True,
-                               "reduce": "collective", "step_timeout": 20.0},
+                               "reduce": "collective", "bucket_mb": 1e-4, "step_timeout": 20.0},
                         checkpoint={"every_steps": 10, "keep": 2})
     with local_client(2) as client:
         hook, killed = kill_worker_at(client, {12})
@@ -103,9 +107,32 @@ def test_collective_nan_on_one_rank_stops_every_rank_naming_the_step(tmp_path):
     arrays["inputs"][5 * 64 + 3, 10] = np.nan  # one sample of chunk 5: one worker's shard
     store = write_store(tmp_path / "nan.zarr", arrays, chunk_size=64)
     config = run_config(store, tmp_path / "run", train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3,
-                                                          "reduce": "collective", "step_timeout": 30.0})
+                                                          "reduce": "collective", "bucket_mb": 1e-4,
+                                                          "step_timeout": 30.0})
     plan = build_plan(config, resolve_splits(config))
     bad = next(t for t in range(2 * plan.steps_per_epoch)
                if 5 * 64 + 3 in plan.epoch(t // plan.steps_per_epoch).global_batch(t % plan.steps_per_epoch))
     with local_client(2) as client, pytest.raises(NonFiniteLossError, match=f"loss is nan at global step {bad} "):
         train(config, client=client)
+
+
+def test_collective_skip_step_on_one_rank_skips_it_on_every_rank(tmp_path):
+    # One rank voids the step before its backward pass (its buckets are launched without it);
+    # the other's backward launched them all: the all-reduces still pair up, nobody updates.
+    arrays = example_arrays("digits")
+    arrays["inputs"][5 * 64 + 3, 10] = np.nan
+    store = write_store(tmp_path / "nan.zarr", arrays, chunk_size=64)
+    config = run_config(store, tmp_path / "run", train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3,
+                                                          "reduce": "collective", "bucket_mb": 1e-4,
+                                                          "on_nan": "skip_step", "step_timeout": 30.0})
+    batches = plan_batches(config)
+    bad = [t for t, batch in enumerate(batches) if 5 * 64 + 3 in batch]
+    assert len(bad) == 2  # once per epoch
+    with local_client(2) as client:
+        assert train(config, client=client).completed
+    records = read_metrics(tmp_path / "run")
+    assert not [r for r in records if r["kind"] == "regroup"]  # no rank failed or hung on the way
+    steps = [r for r in records if r["kind"] == "step"]
+    assert [r["global_step"] for r in steps if r.get("skipped")] == bad
+    expected = reference_weights(config, [None if t in bad else batch for t, batch in enumerate(batches)])
+    assert max_relative_error(saved_weights(tmp_path / "run"), expected) < 1e-5
