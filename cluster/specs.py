@@ -3,7 +3,11 @@
 Launching is left to Dask's own classes (LocalCluster, dask-cuda's LocalCUDACluster, the
 dask-jobqueue clusters); this module maps a spec onto them, waits for the workers, and closes
 whatever it started on every exit path. Every failure is one :class:`ClusterError` sentence that
-names the spec file and the field to change.
+names the spec file and the field to change (a batch system's refusal: in its own words).
+
+Jobqueue kinds: the class gets the spec merged onto the site's ``jobqueue.<kind>`` config
+(:mod:`dasktrain.cluster.jobqueue`); the jobs are submitted and their submission awaited, and the
+run may start once ``start_with`` workers (``train.min_workers``) are up: later jobs join it.
 
 Where things listen: in a local cluster every socket (scheduler, nannies, workers, and the HTTP
 servers of the scheduler and the workers) is bound to the loopback address, so nothing answers
@@ -20,7 +24,6 @@ elsewhere get it from their own path or from ``model.upload`` (:mod:`dasktrain.c
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import signal
@@ -31,34 +34,33 @@ from typing import Any
 
 import dask.config
 from distributed import Client, LocalCluster, Security
+from distributed.core import Status
 from distributed.deploy import Cluster
 
+from dasktrain.cluster.jobqueue import JobqueuePlan, job_script, jobs_for, plan_jobqueue
 from dasktrain.cluster.tls import cluster_security
-from dasktrain.config import JOBQUEUE_KINDS, ClusterConfig
+from dasktrain.config import JOBQUEUE_KINDS, ClusterConfig, RunConfig
 from dasktrain.errors import ClusterError
 
 log = logging.getLogger(__name__)
 
-JOBQUEUE_CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster"}
 
-RESERVED_JOBQUEUE_OPTIONS = {
-    "n_workers": "cluster.workers",
-    "security": "cluster.security and cluster.tls",
-    "protocol": "cluster.security",
-    "dashboard_address": "cluster.dashboard (or scheduler_options)",
-    "job_cls": None, "loop": None, "asynchronous": None, "scheduler": None, "name": None, "config_name": None,
-}
-"""dask-jobqueue arguments that dasktrain sets itself, and the spec field that decides each."""
-
-GPU_DIRECTIVES = {"slurm": "--gres=gpu:{n}", "pbs": "-l ngpus={n}", "lsf": '-gpu "num={n}"'}
-"""How a job asks its batch system for ``n`` GPUs (site conventions vary: override with job_extra_directives)."""
+def workers_to_start(config: RunConfig) -> int:
+    """Workers a run of ``config`` can start training with: ``train.min_workers``, and at least one
+    per pipeline stage of every replica (a pipeline's shape is fixed when it starts)."""
+    stages = config.parallel.pipeline * config.parallel.data if config.parallel.pipeline > 1 else 1
+    return max(config.train.min_workers, stages)
 
 
 @contextmanager
-def open_cluster(spec: ClusterConfig) -> Iterator[Client]:
+def open_cluster(spec: ClusterConfig, start_with: int | None = None) -> Iterator[Client]:
     """Start (or, for ``address``, connect to) the cluster ``spec`` describes and yield a client
     once its workers have arrived. A cluster started here is closed, and its batch jobs cancelled,
-    however the block is left; a cluster reached by address is left running."""
+    however the block is left; a cluster reached by address is left running.
+
+    ``start_with``: on jobqueue kinds, yield once this many workers are up (a run's
+    ``train.min_workers``); the jobs still queued join later, and a run takes them over at a step
+    boundary. Local clusters start all their workers at once, and are waited for whole."""
     security = cluster_security(spec)
     if spec.kind == "address":
         with _connect(spec, security) as client:
@@ -67,7 +69,8 @@ def open_cluster(spec: ClusterConfig) -> Iterator[Client]:
     cluster, workers = _start(spec, security)
     try:
         with Client(cluster, timeout=spec.wait_timeout) as client:
-            _wait_for_workers(client, cluster, spec, workers)
+            need = min(workers, start_with) if start_with and spec.kind in JOBQUEUE_KINDS else workers
+            _wait_for_workers(client, cluster, spec, workers, need)
             yield client
     finally:
         cluster.close()
@@ -186,66 +189,81 @@ def visible_gpus() -> int:
         return 0
 
 
+def resolve_jobqueue(spec: ClusterConfig) -> JobqueuePlan:
+    """The dask-jobqueue arguments of ``spec``, merged onto the site's ``jobqueue.<kind>`` Dask config
+    (:mod:`dasktrain.cluster.jobqueue`), with dasktrain's worker settings added."""
+    return plan_jobqueue(spec, LEAN_CONFIG if spec.lean else {}, LOOPBACK_HTTP)
+
+
+def jobqueue_script(spec: ClusterConfig) -> tuple[JobqueuePlan, str]:
+    """The merged arguments of a jobqueue spec and the batch script its jobs are submitted with
+    (dask-jobqueue's ``job_script()``), made without a scheduler and submitting nothing."""
+    plan = resolve_jobqueue(spec)
+    security = cluster_security(spec)
+    return plan, job_script(plan, security, "tls://" if security else None)
+
+
 def _jobqueue(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
-    try:
-        import dask_jobqueue
-        from dask_jobqueue.core import Job
-    except ImportError as exc:
-        raise ClusterError(f"{spec.source}: cluster.kind {spec.kind!r} needs dask-jobqueue ({exc}); "
-                           "install it with pip install 'dasktrain[jobqueue]'") from None
-    cls = getattr(dask_jobqueue, JOBQUEUE_CLASSES[spec.kind])
-    options = dict(spec.jobqueue)
-    _check_jobqueue_options(spec, cls, Job, options)
-    if spec.gpus_per_worker:
-        if spec.kind not in GPU_DIRECTIVES:
-            raise ClusterError(f"{spec.source}: cluster.gpus_per_worker has no standard request on kind "
-                               f"{spec.kind!r}; put your site's directive in cluster.jobqueue.job_extra_directives")
-        directive = GPU_DIRECTIVES[spec.kind].format(n=spec.gpus_per_worker)
-        options["job_extra_directives"] = [*options.get("job_extra_directives", []), directive]
-    # The scheduler and the workers listen on jobqueue.interface (or scheduler_options' host or
-    # interface), as dask-jobqueue does. A dashboard asked for is served on every interface, for
-    # a browser elsewhere; without one, the HTTP server (which Dask starts anyway) is loopback only.
-    dashboard = {"dashboard_address": ":0"} if spec.dashboard else {"dashboard": False, "dashboard_address": LOOPBACK_HTTP}
-    options["scheduler_options"] = {**dashboard, **options.get("scheduler_options", {})}
-    if spec.lean:  # a job's worker reads its config from the environment
-        exports = [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
-                   for key, value in LEAN_CONFIG.items()]
-        options["job_script_prologue"] = [*options.get("job_script_prologue", []), *exports]
+    plan = resolve_jobqueue(spec)
+    import dask_jobqueue
+
+    cls = getattr(dask_jobqueue, plan.class_name)
     workers = spec.workers or 1
     try:
-        cluster = cls(**options, security=security, protocol="tls://" if security else None)
+        cluster = cls(**plan.options, security=security, protocol="tls://" if security else None)
     except (TypeError, ValueError) as exc:
         raise ClusterError(f"{spec.source}: dask_jobqueue.{cls.__name__} rejects cluster.jobqueue "
                            f"{dict(spec.jobqueue)}: {_one_line(exc)}") from None
     try:
-        cluster.scale(n=workers)
+        _submit(cluster, jobs_for(workers, plan.processes))
     except Exception as exc:
         cluster.close()
-        raise ClusterError(f"{spec.source}: cannot submit {workers} worker jobs with dask_jobqueue."
-                           f"{cls.__name__}: {_one_line(exc)}") from None
+        raise ClusterError(f"{spec.source}: cannot submit {jobs_for(workers, plan.processes)} worker job(s) with "
+                           f"dask_jobqueue.{cls.__name__}: {_submission_error(exc)}") from None
     log.info("submitted worker jobs with %s:\n%s", cls.__name__, cluster.job_script())
     return cluster, workers
 
 
-def _check_jobqueue_options(spec: ClusterConfig, cls: Any, base_job: Any, options: dict[str, Any]) -> None:
-    """Name the first option the class would reject, before anything is submitted."""
-    accepted: set[str] = set()
-    for func in (cls.__init__, cls.job_cls.__init__, base_job.__init__):
-        accepted |= {p.name for p in inspect.signature(func).parameters.values()
-                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    for key in options:
-        if key in RESERVED_JOBQUEUE_OPTIONS:
-            instead = RESERVED_JOBQUEUE_OPTIONS[key]
-            raise ClusterError(f"{spec.source}: cluster.jobqueue.{key} is set by dasktrain"
-                               + (f" from {instead}; set that instead" if instead else ""))
-        if key not in accepted - {"self"}:
-            raise ClusterError(f"{spec.source}: cluster.jobqueue.{key} is not an option of dask_jobqueue."
-                               f"{cls.__name__} (options: {', '.join(sorted(accepted - set(RESERVED_JOBQUEUE_OPTIONS) - {'self'}))})")
+def _submit(cluster: Any, jobs: int) -> None:
+    """Submit ``jobs`` batch jobs and wait until the batch system has answered each; raise its
+    first refusal here, as an exception.
 
+    This is ``cluster.scale`` (add job specs, then bring the jobs in line with them) done on the
+    cluster's event loop and awaited: ``scale`` only schedules the submissions, so a refusal
+    would be logged there, traceback and all, and the workers then waited for in vain. A job the
+    batch system refused is marked failed: it has nothing to cancel, and closing the cluster
+    expects every job it made to have started or failed."""
+    async def submit_and_wait() -> None:
+        while len(cluster.worker_spec) < jobs:
+            cluster.worker_spec.update(cluster.new_worker_spec())
+        await cluster._correct_state()
 
-def _wait_for_workers(client: Client, cluster: Cluster | None, spec: ClusterConfig, workers: int) -> None:
     try:
-        client.wait_for_workers(workers, timeout=spec.wait_timeout)
+        cluster.sync(submit_and_wait)
+    finally:
+        for job in cluster.workers.values():
+            if getattr(job, "job_id", None) is None:
+                job.status = Status.failed
+
+
+def _submission_error(exc: BaseException) -> str:
+    """A refused submission as one line: the batch system's own message (``sbatch``'s stderr, which
+    dask-jobqueue puts after ``stderr:`` in its error), else the error's first line."""
+    text = str(exc)
+    _, found, stderr = text.partition("\nstderr:\n")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()] if found else []
+    if lines:
+        command = text.partition("\nCommand:\n")[2].partition("\n")[0].split(" ")[0]
+        return f"{command or 'the submit command'} said: {' '.join(lines)}"
+    return _one_line(exc)
+
+
+def _wait_for_workers(client: Client, cluster: Cluster | None, spec: ClusterConfig, workers: int,
+                      need: int | None = None) -> None:
+    """Wait for ``need`` of the cluster's ``workers`` workers (all of them by default)."""
+    need = workers if need is None else need
+    try:
+        client.wait_for_workers(need, timeout=spec.wait_timeout)
     except TimeoutError:
         arrived = len(client.scheduler_info(n_workers=-1)["workers"])
         hint = ""
@@ -254,9 +272,14 @@ def _wait_for_workers(client: Client, cluster: Cluster | None, spec: ClusterConf
             logs = spec.jobqueue.get("log_directory")
             hint = (f"; jobs {[j for j in jobs if j]} are queued or failed: see the batch queue"
                     + (f" and the job logs in {logs}" if logs else " (set cluster.jobqueue.log_directory for job logs)"))
-        raise ClusterError(f"{spec.source}: {arrived} of cluster.workers={workers} workers arrived within "
+        wanted = (f"cluster.workers={workers} workers" if need == workers
+                  else f"the train.min_workers={need} workers to start with (of cluster.workers={workers})")
+        raise ClusterError(f"{spec.source}: {arrived} of {wanted} arrived within "
                            f"cluster.wait_timeout={spec.wait_timeout:g} s{hint}") from None
-    log.info("cluster ready: %d workers (%s)", workers, spec.kind)
+    if need < workers:
+        log.info("cluster ready: %d of %d workers (%s); the others join as their jobs start", need, workers, spec.kind)
+    else:
+        log.info("cluster ready: %d workers (%s)", workers, spec.kind)
 
 
 @contextmanager

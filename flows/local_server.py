@@ -10,6 +10,12 @@ services: a run in this process needs neither), started
   down against a live API and then stops the server;
 - with the parent-death signal set (Linux ``prctl(PR_SET_PDEATHSIG)``, before ``exec``), so the
   kernel ends it whenever the driver ends, however it ends.
+
+It runs in the foreground of its own process, not with ``--background``: a background server is
+by design not the driver's child (Prefect's CLI starts it and exits), so the parent-death signal
+cannot reach it, and there is one per ``PREFECT_HOME``. A server that outlives its caller (tests,
+CI, scheduled deployments) is ``scripts/prefect-server.sh``, which uses ``--background``. Both
+listen on 127.0.0.1 only, with analytics off.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ checks the CLI already made (:class:`~dasktrain.preflight.Preflight`) through
 
 from __future__ import annotations
 
+import base64
 import inspect
 import re
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from distributed import Client
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
+from prefect.runtime import deployment as served_deployment
 from prefect.runtime import flow_run, task_run
 from prefect.utilities.annotations import quote
 from safetensors.torch import load_file
@@ -38,10 +40,12 @@ from dasktrain.checkpoint import latest_checkpoint
 from dasktrain.config import RunConfig, check_flow_run_overrides, load_config, validate_config
 from dasktrain.errors import ClusterError, ConfigError
 from dasktrain.flows import prefect_api
+from dasktrain.flows.progress import PrefectProgress
 from dasktrain.models import build_model
 from dasktrain.preflight import Preflight
 from dasktrain.prepare import prepare_data
-from dasktrain.run_dir import MODEL_FILE
+from dasktrain.run_dir import MODEL_FILE, run_location
+from dasktrain.storage import AnyPath, is_url, locate
 
 EVENT_HOOK: Callable[[run_loop.Event], None] | None = None
 """Receives the driver's events during the train stage when set (the CLI's progress display)."""
@@ -69,9 +73,10 @@ class FlowCluster:
 
     def open(self, config: RunConfig) -> Client:
         if self.client is None:
-            from dasktrain.cluster import open_cluster
+            from dasktrain.cluster import open_cluster, workers_to_start
 
-            self.client = self._stack.enter_context(open_cluster(config.cluster))
+            # Jobqueue clusters: training starts once train.min_workers are up; later jobs join it.
+            self.client = self._stack.enter_context(open_cluster(config.cluster, start_with=workers_to_start(config)))
         return self.client
 
     def close(self) -> None:
@@ -85,6 +90,8 @@ class Prepared:
     facts: dict[str, Any]
     checked: Preflight
     """The checks of the store and model against ``config``, made once, for the train stage."""
+    artifact_key: str
+    """Prefix of the flow run's artifact keys (:func:`run_artifact_key`)."""
 
 
 def config_of(config: RunConfig | str | dict[str, Any], overrides: list[str]) -> RunConfig:
@@ -108,13 +115,14 @@ def prepare(config: RunConfig | str | dict[str, Any], overrides: list[str], clus
     exists, check the store and model (unless :data:`HANDED_PREFLIGHT` did for this config), start
     the cluster, and compute normalisation statistics on it."""
     cfg = config_of(config, overrides)
+    key = run_artifact_key(cfg)  # of the output directory the config names, before a run's own below it
     if per_run_output:  # a scheduled run retrains from fresh data: its own directory, never a resume
         label = f"{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}-{flow_run.name}"
-        cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / label)})
+        cfg = cfg.model_copy(update={"output_dir": str(run_location(cfg) / label)})
     checked, facts = prepare_data(cfg, lambda: cluster.open(cfg), checked=HANDED_PREFLIGHT)
     get_run_logger().info("prepared %s: %d samples in %d chunks, %d workers%s", facts["store"], facts["samples"],
                           facts["chunks"], facts["workers"], ", normalised" if facts["normalized"] else "")
-    return Prepared(cfg, facts, checked)
+    return Prepared(cfg, facts, checked, key)
 
 
 def _worth_retrying(task: Any, run: Any, state: Any) -> bool:
@@ -124,14 +132,17 @@ def _worth_retrying(task: Any, run: Any, state: Any) -> bool:
 
 @task(name="train", cache_policy=NONE, retries=TRAIN_RETRIES, retry_delay_seconds=1, retry_condition_fn=_worth_retrying)
 def train(config: RunConfig, client: Client, resume: bool, until_epoch: int | None,
-          checked: Preflight | None = None) -> dict[str, Any]:
+          checked: Preflight | None = None, artifact_key: str = "dasktrain-run") -> dict[str, Any]:
     """The training run, on the checks the prepare stage made (``checked``). A retry goes on from
-    the newest checkpoint that the failed try wrote, so the epochs it finished are not trained again."""
-    retrying = task_run.run_count > 1 and latest_checkpoint(Path(config.output_dir)) is not None
+    the newest checkpoint that the failed try wrote, so the epochs it finished are not trained again.
+    Reports as it trains: a line per epoch in the task's logs, and the progress artifact
+    ``<artifact_key>-progress`` (:class:`~dasktrain.flows.progress.PrefectProgress`)."""
+    retrying = task_run.run_count > 1 and latest_checkpoint(run_location(config)) is not None
     if retrying:
-        get_run_logger().warning("try %d: resuming from %s", task_run.run_count, latest_checkpoint(Path(config.output_dir)))
+        get_run_logger().warning("try %d: resuming from %s", task_run.run_count, latest_checkpoint(run_location(config)))
     result = run_loop.train(config, client=client, resume=resume or retrying, until_epoch=until_epoch,
-                            on_event=EVENT_HOOK, checked=checked)
+                            on_event=EVENT_HOOK, checked=checked,
+                            observers=[PrefectProgress(f"{artifact_key}-progress", config.train.epochs)])
     return {"run_dir": str(result.run_dir), "steps": result.steps, "completed": result.completed,
             "epochs": result.epochs, "tries": task_run.run_count}
 
@@ -140,7 +151,7 @@ def train(config: RunConfig, client: Client, resume: bool, until_epoch: int | No
 def evaluate(config: RunConfig, client: Client) -> dict[str, Any]:
     """Loss and accuracy (or error) on the test split, chunk-parallel on the workers; predictions
     for every sample of the test store (or the training store) into the run directory."""
-    run_dir = Path(config.output_dir)
+    run_dir = run_location(config)
     model = run_dir / MODEL_FILE
     result = inference.evaluate(client, config, model, inference.evaluation_split(config))
     source = config.data.test_store or config.data.store
@@ -152,14 +163,16 @@ def evaluate(config: RunConfig, client: Client) -> dict[str, Any]:
 
 @task(name="publish", cache_policy=NONE)
 def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any],
-            evaluation: dict[str, Any] | None) -> dict[str, Any]:
-    """The loss curve PNG and evaluation in the run directory; the summary and the epoch table as
-    Prefect artifacts. A completed run whose model is a Hugging Face ``PreTrainedModel`` is also
+            evaluation: dict[str, Any] | None, artifact_key: str = "dasktrain-run") -> dict[str, Any]:
+    """The loss curve PNG and evaluation in the run directory; the summary, the epoch table and the
+    curves (the PNG inside a markdown artifact, so a remote UI shows it) as Prefect artifacts keyed
+    ``<artifact_key>-...``. A completed run whose model is a Hugging Face ``PreTrainedModel`` is also
     written as a directory ``from_pretrained`` loads (``hf/`` in the run directory)."""
-    run_dir = Path(config.output_dir)
+    run_dir = run_location(config)
     pretrained = None
     # Built only when it may be a Hugging Face model: a look-up in sys.modules decides for any other.
-    if trained["completed"] and hf_support.may_be_pretrained(config.model.factory):
+    # (Not for a run directory on object storage: save_pretrained writes files on a filesystem.)
+    if trained["completed"] and isinstance(run_dir, Path) and hf_support.may_be_pretrained(config.model.factory):
         model = build_model(config.model, config.train.seed)
         model.load_state_dict(load_file(str(run_dir / MODEL_FILE)))
         pretrained = hf_support.save_pretrained_dir(model, run_dir / hf_support.PRETRAINED_DIR)
@@ -178,12 +191,19 @@ def publish(config: RunConfig, prepared: dict[str, Any], trained: dict[str, Any]
     }
     if evaluation is not None:
         report.write_evaluation(run_dir, evaluation)
-    name = artifact_key(run_dir)
-    create_markdown_artifact(markdown=report.summary_markdown(facts), key=f"{name}-summary",
+    create_markdown_artifact(markdown=report.summary_markdown(facts), key=f"{artifact_key}-summary",
                              description=f"dasktrain run {run_dir}")
     if epochs:
-        create_table_artifact(table=epochs, key=f"{name}-epochs", description=f"per-epoch metrics of {run_dir}")
+        create_table_artifact(table=epochs, key=f"{artifact_key}-epochs", description=f"per-epoch metrics of {run_dir}")
+        create_markdown_artifact(markdown=curves_markdown(locate(facts["curves"], config.storage_options)), key=f"{artifact_key}-curves",
+                                 description=f"loss and accuracy curves of {run_dir}")
     return facts
+
+
+def curves_markdown(png: AnyPath) -> str:
+    """The curves PNG inside markdown, as a ``data:`` URI: the UI shows it with no access to the file."""
+    encoded = base64.b64encode(png.read_bytes()).decode("ascii")
+    return f"![loss and accuracy curves](data:image/png;base64,{encoded})"
 
 
 @flow(name="dasktrain-training")
@@ -207,9 +227,9 @@ def training_flow(config: str | dict[str, Any], overrides: list[str] | None = No
         cfg, client = prepared.config, cluster.open(prepared.config)
         # Quoted: the train task gets it as it is, without Prefect walking every chunk of the splits.
         checked: Any = quote(prepared.checked)
-        trained = train(cfg, client, resume, until_epoch, checked)
+        trained = train(cfg, client, resume, until_epoch, checked, prepared.artifact_key)
         evaluation = evaluate(cfg, client) if trained["completed"] else None
-        return publish(cfg, prepared.facts, trained, evaluation)
+        return publish(cfg, prepared.facts, trained, evaluation, prepared.artifact_key)
     finally:
         cluster.close()
 
@@ -249,9 +269,13 @@ def check_deployment_run(parameters: dict[str, Any]) -> None:
     check_flow_run_overrides([o for o in parameters["overrides"] or [] if o not in trusted], source)
 
 
-def artifact_key(run_dir: Path) -> str:
-    """Prefect artifact keys hold only lowercase letters, digits and dashes."""
-    slug = re.sub(r"[^a-z0-9]+", "-", Path(run_dir).name.lower()).strip("-") or "run"
+def run_artifact_key(config: RunConfig) -> str:
+    """Prefix of a flow run's artifact keys, the same for every run of one deployment so that its
+    artifacts build a history in the UI: ``dasktrain-<deployment name>``; outside a deployment,
+    ``dasktrain-<name of the config's output directory>``. Prefect keys hold only lowercase
+    letters, digits and dashes."""
+    name = served_deployment.name or Path(config.output_dir).name
+    slug = re.sub(r"[^a-z0-9]+", "-", str(name).lower()).strip("-") or "run"
     return f"dasktrain-{slug}"
 
 
@@ -291,6 +315,7 @@ def run_training(config: RunConfig | str | Path, overrides: list[str] | None = N
     file but a named cluster spec)."""
     cfg = config_of(str(config) if isinstance(config, Path) else config, list(overrides or []))
     if db_dir is None:
-        db_dir = Path(cfg.output_dir).resolve().parent / ".prefect"
+        # Beside the run directory; a run on object storage keeps its Prefect database here, locally.
+        db_dir = (Path.cwd() if is_url(cfg.output_dir) else Path(cfg.output_dir).resolve().parent) / ".prefect"
     with prefect_api(db_dir), event_hook(on_event), handed_preflight(checked):
         return training_flow(cfg.model_dump(mode="json"), [], resume, until_epoch)

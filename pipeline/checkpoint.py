@@ -7,6 +7,14 @@ written under a temporary name, every file is fsynced, then the directory is ren
 and its parent fsynced: a process killed at any point leaves either the complete new checkpoint
 or none, and the previous one untouched. Only names matching ``step-NNNNNNNN`` with a readable
 ``state.json`` are ever resumed from.
+
+On object storage (``output_dir`` a URL: :class:`~dasktrain.storage.ObjectPath`) there is no
+rename, and no fsync to make: each object appears whole when its PUT ends. A checkpoint is
+written straight under its final name, every file, and then the marker object ``COMMITTED`` last
+(:data:`MARKER`); readers trust only a checkpoint whose marker exists. Replacing or deleting a
+checkpoint removes its marker first. So a driver or worker killed at any moment leaves either a
+committed checkpoint or objects without a marker, which resume ignores (and the next writer of
+that step clears), and the previous checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as dump_tensors
 
 from dasktrain.errors import CheckpointError
+from dasktrain.storage import AnyPath, ObjectPath, locate
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,8 @@ DATA_LAYOUT = "data_layout"
 """Key of ``state.json`` holding, per config key (``data.store``, ``data.validation.store``), the
 store's :func:`dasktrain.store.store_layout`."""
 _NAME = re.compile(r"^step-(\d{8})$")
+MARKER = "COMMITTED"
+"""On object storage, the object written last into a checkpoint: its presence marks it complete."""
 
 
 class DataChangedError(CheckpointError):
@@ -43,7 +54,7 @@ class DataChangedError(CheckpointError):
 class Checkpoint:
     """A loaded checkpoint."""
 
-    path: Path
+    path: AnyPath
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     state: dict[str, Any]
@@ -54,8 +65,12 @@ class Checkpoint:
         return int(self.state["step"])
 
 
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync and rename."""
+def write_file_atomic(path: AnyPath, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file, fsync and rename (on object storage:
+    one PUT, which is atomic by itself)."""
+    if isinstance(path, ObjectPath):
+        path.write_bytes(data)
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -65,19 +80,19 @@ def write_file_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def save_model(path: Path, state: dict[str, torch.Tensor]) -> None:
+def save_model(path: AnyPath, state: dict[str, torch.Tensor]) -> None:
     """Write a model ``state_dict`` as safetensors, atomically."""
     write_file_atomic(path, dump_tensors({k: v.detach().cpu().contiguous() for k, v in state.items()}))
 
 
 def save_checkpoint(
-    run_dir: Path,
+    run_dir: AnyPath,
     step: int,
     model_state: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
-) -> Path:
+) -> AnyPath:
     """Write the checkpoint of global ``step`` atomically and prune to the newest ``keep``."""
     tmp = begin_checkpoint(run_dir, step)
     opt_tensors, opt_rest = split_optimizer_state(optimizer_state)
@@ -88,6 +103,9 @@ def save_checkpoint(
         "state.json": json.dumps({**state, "step": step, "optimizer": opt_rest}, indent=1).encode(),
     }
     for name, data in files.items():
+        if isinstance(tmp, ObjectPath):
+            (tmp / name).write_bytes(data)
+            continue
         with open(tmp / name, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -95,11 +113,16 @@ def save_checkpoint(
     return commit_checkpoint(run_dir, tmp, step, keep)
 
 
-def begin_checkpoint(run_dir: Path, step: int) -> Path:
-    """A fresh temporary directory for the checkpoint of global ``step``, beside where it goes.
+def begin_checkpoint(run_dir: AnyPath, step: int) -> AnyPath:
+    """A fresh temporary directory for the checkpoint of global ``step``, beside where it goes
+    (on object storage: its final prefix, emptied, uncommitted until :func:`commit_checkpoint`).
 
     Whoever fills it (one writer here, or every pipeline stage for its own part) writes
     ``state.json`` last and hands it to :func:`commit_checkpoint`."""
+    if isinstance(run_dir, ObjectPath):
+        final = run_dir / CHECKPOINTS / f"step-{step:08d}"
+        _remove(final)  # a re-run of the same step (after a resume): the old one is uncommitted first
+        return final
     root = Path(run_dir) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".step-{step:08d}.tmp-{os.getpid()}"
@@ -109,12 +132,19 @@ def begin_checkpoint(run_dir: Path, step: int) -> Path:
     return tmp
 
 
-def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
-    """Rename a filled temporary directory into place as the checkpoint of ``step`` and prune to
-    the newest ``keep``: the one way a checkpoint appears or goes, so a crash at any moment leaves
-    only whole checkpoints under the names resume reads."""
+def commit_checkpoint(run_dir: AnyPath, tmp: AnyPath, step: int, keep: int) -> AnyPath:
+    """Rename a filled temporary directory into place as the checkpoint of ``step`` (on object
+    storage: write its marker) and prune to the newest ``keep``: the one way a checkpoint appears
+    or goes, so a crash at any moment leaves only whole checkpoints under the names resume reads."""
     if not (tmp / "state.json").is_file():
         raise CheckpointError(f"checkpoint {tmp} has no state.json: it is not complete")
+    if isinstance(tmp, ObjectPath):
+        files = {p.name: p.size() for p in tmp.iterdir()}
+        (tmp / MARKER).write_bytes(json.dumps({"step": step, "files": files}).encode())
+        for old in list_checkpoints(run_dir)[:-keep]:
+            _remove(old)
+        return tmp
+    assert isinstance(run_dir, Path)
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
     fsync_dir(tmp)
@@ -127,46 +157,60 @@ def commit_checkpoint(run_dir: Path, tmp: Path, step: int, keep: int) -> Path:
     return final
 
 
-def checkpoint_step(checkpoint: Path) -> int:
+def checkpoint_step(checkpoint: str | AnyPath) -> int:
     """The global step a checkpoint was written at, from its ``state.json`` (no tensors read)."""
     try:
-        return int(json.loads((Path(checkpoint) / "state.json").read_text())["step"])
+        return int(json.loads((locate(checkpoint) / "state.json").read_text())["step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {checkpoint}: state.json does not say its step: {exc}") from None
 
 
-def checkpoint_state(checkpoint: Path) -> dict[str, Any]:
+def checkpoint_state(checkpoint: str | AnyPath) -> dict[str, Any]:
     """A checkpoint's ``state.json`` (step, config digest, data layout, stage bounds...)."""
     try:
-        state: dict[str, Any] = json.loads((Path(checkpoint) / "state.json").read_text())
+        state: dict[str, Any] = json.loads((locate(checkpoint) / "state.json").read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {checkpoint}: state.json is unreadable: {exc}") from None
     return state
 
 
-def _remove(checkpoint: Path) -> None:
-    """Delete a checkpoint by first renaming it out of the names resume looks at."""
+def _remove(checkpoint: AnyPath) -> None:
+    """Delete a checkpoint by first renaming it out of the names resume looks at (on object
+    storage: by deleting its marker first)."""
+    if isinstance(checkpoint, ObjectPath):
+        (checkpoint / MARKER).unlink(missing_ok=True)
+        checkpoint.remove_tree()
+        return
     doomed = checkpoint.with_name(f".{checkpoint.name}.del-{os.getpid()}")
     os.rename(checkpoint, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+def list_checkpoints(run_dir: str | AnyPath) -> list[AnyPath]:
+    """Complete checkpoints of a run, oldest first (on object storage: those with their marker)."""
+    run_dir = locate(run_dir, key="run directory")
+    if isinstance(run_dir, ObjectPath):
+        # One listing of the whole checkpoints prefix: the names, and which ones hold a marker.
+        prefix = run_dir / CHECKPOINTS
+        prefix.fs.invalidate_cache(prefix.path)
+        objects = [str(p) for p in prefix.fs.find(prefix.path)]
+        committed = {o.rsplit("/", 2)[-2] for o in objects if o.endswith(f"/{MARKER}")}
+        with_state = {o.rsplit("/", 2)[-2] for o in objects if o.endswith("/state.json")}
+        return [prefix / n for n in sorted(committed & with_state) if _NAME.match(n)]
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
+    found: list[AnyPath] = [p for p in root.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
+def latest_checkpoint(run_dir: str | AnyPath) -> AnyPath | None:
     """The newest complete checkpoint of a run, or None."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
 
-def damage_of(checkpoint: Path) -> str | None:
+def damage_of(checkpoint: AnyPath) -> str | None:
     """Why ``checkpoint`` cannot be resumed from (None if it reads back whole): ``state.json``
     is not a JSON record with a step, or a ``.safetensors`` file's header or length is wrong (a
     file truncated or overwritten after the atomic rename: a full disk, a bad copy, a user). Only
@@ -178,10 +222,15 @@ def damage_of(checkpoint: Path) -> str | None:
         int(state["step"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return f"state.json: {type(exc).__name__}: {exc}"
-    files = sorted(checkpoint.glob("*.safetensors"))
+    files: list[AnyPath] = sorted(checkpoint.glob("*.safetensors"), key=lambda p: p.name)
     if not files:
         return "no .safetensors file"
     for file in files:
+        if isinstance(file, ObjectPath):
+            reason = _object_safetensors_damage(file)
+            if reason is not None:
+                return reason
+            continue
         try:
             with safe_open(str(file), framework="pt"):
                 pass
@@ -190,15 +239,22 @@ def damage_of(checkpoint: Path) -> str | None:
     return None
 
 
-def set_aside_damaged(run_dir: Path) -> list[str]:
+def set_aside_damaged(run_dir: AnyPath) -> list[str]:
     """Rename the newest checkpoints that cannot be read (see :func:`damage_of`) to
     ``.step-NNNNNNNN.damaged`` (kept for a look, out of the names resume considers), newest first,
-    until one reads back; returns one line per checkpoint set aside, for the log."""
+    until one reads back; returns one line per checkpoint set aside, for the log. On object
+    storage the checkpoint keeps its name and loses its marker (its objects stay for a look)."""
     notes = []
     for checkpoint in reversed(list_checkpoints(run_dir)):
         reason = damage_of(checkpoint)
         if reason is None:
             break
+        if isinstance(checkpoint, ObjectPath):
+            (checkpoint / MARKER).unlink(missing_ok=True)
+            notes.append(f"checkpoint {checkpoint} cannot be read ({reason}); its {MARKER} marker is removed, "
+                         "going on from the one before it")
+            log.warning(notes[-1])
+            continue
         aside = checkpoint.with_name(f".{checkpoint.name}.damaged")
         if aside.exists():
             shutil.rmtree(aside)
@@ -209,9 +265,9 @@ def set_aside_damaged(run_dir: Path) -> list[str]:
     return notes
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
+def load_checkpoint(path: str | AnyPath) -> Checkpoint:
     """Load a checkpoint directory; errors name the file that is missing or unreadable."""
-    path = Path(path)
+    path = locate(path, key="checkpoint")
     try:
         state = json.loads((path / "state.json").read_text())
         model = load_tensors((path / "model.safetensors").read_bytes())
@@ -222,7 +278,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, model, optimizer, state)
 
 
-def check_data_layout(checkpoint: Path, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
+def check_data_layout(checkpoint: AnyPath, recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
     """Refuse to resume from ``checkpoint`` when a store changed since it was written.
 
     ``recorded`` is the checkpoint's ``data_layout`` (None for checkpoints written before it was
@@ -289,6 +345,24 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any])
         idx, _, name = key.partition(".")
         state.setdefault(int(idx), {})[name] = value
     return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _object_safetensors_damage(file: ObjectPath) -> str | None:
+    """Why a safetensors object's header or length is wrong (None: it reads back whole), from its
+    first bytes and its size: the 8-byte header length, the JSON header, the last tensor's end."""
+    try:
+        size = file.size()
+        head = file.read_range(0, 8)
+        length = int.from_bytes(head, "little")
+        if len(head) < 8 or length > size - 8:
+            return f"{file.name}: header length {length} does not fit the object's {size} bytes"
+        header = json.loads(file.read_range(8, 8 + length))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{file.name}: {type(exc).__name__}: {exc}"
+    if 8 + length + end != size:
+        return f"{file.name}: the object holds {size} bytes, its header describes {8 + length + end}"
+    return None
 
 
 def fsync_dir(path: Path) -> None:

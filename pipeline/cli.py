@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -126,7 +127,7 @@ _STORAGE_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACC
 
 @app.command()
 def ingest(
-    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Path of the Zarr store to write.")],
+    out_path: Annotated[str, typer.Argument(metavar="OUT", help="Path or URL (s3://...) of the Zarr store to write.")],
     example: Annotated[str | None, typer.Option(help="A bundled example dataset: digits, or text (bytes of Python's own documentation).")] = None,
     image: Annotated[bool, typer.Option("--image", help="With --example digits: image-shaped inputs (1, 8, 8) instead of flat (64,).")] = False,
     context: Annotated[int | None, typer.Option(min=1, help="With --example text: bytes per sample (default: 64).")] = None,
@@ -183,7 +184,7 @@ def _only_with(option: str, used: bool, needs: str, present: bool) -> None:
         raise typer.BadParameter(f"{option} only applies with {needs}")
 
 
-def _print_store(path: Path, summary: dict[str, Any]) -> None:
+def _print_store(path: object, summary: dict[str, Any]) -> None:
     samples, chunk_size = summary["samples"], summary["chunk_size"]
     chunks = math.ceil(samples / chunk_size)
     # soft_wrap: paths stay whole on one line, to be copied, however narrow the terminal.
@@ -221,14 +222,14 @@ def run(
     from dasktrain.config import load_config
     from dasktrain.preflight import Preflight, preflight
     from dasktrain.prepare import store_pending
-    from dasktrain.run_dir import RunResult
+    from dasktrain.run_dir import RunResult, run_location
 
     with _user_errors():
         # The YAML is read and validated here, once; the flow gets the validated config. Bad input
         # fails in seconds, before Prefect and the cluster start, and the flow uses these checks
         # rather than make them again (a store still to be ingested is checked by the flow, after).
         cfg = load_config(config, overrides or [])
-        checked = None if store_pending(cfg.data) else preflight(cfg)
+        checked = None if store_pending(cfg.data, cfg.storage_options) else preflight(cfg)
         training = _import_flows()
         resume_with = shlex.join(["dasktrain", "run", str(config), *(f"--set={o}" for o in overrides or []), "--resume"])
         # A cross-entropy over sequence targets is in nats per token: the epoch lines add bits.
@@ -237,7 +238,7 @@ def run(
         with _interrupts_stop_the_run(cfg, resume_with), _ProgressView(cfg, per_token) as view:
             summary = training.run_training(cfg, resume=resume, until_epoch=until_epoch, on_event=view.on_event,
                                             checked=checked)
-    result = RunResult(Path(cfg.output_dir), summary["steps"], summary["completed"])
+    result = RunResult(run_location(cfg), summary["steps"], summary["completed"])
     _print_run(result, cfg, [str(config), *(f"--set={o}" for o in overrides or [])], per_token)
     _print_outputs(summary)
 
@@ -248,6 +249,7 @@ def _interrupts_stop_the_run(cfg: Any, resume_with: str) -> Iterator[None]:
     which cancels its steps and closes the cluster; Prefect marks the flow run crashed; the
     local Prefect server stops last. Then one line says where to go on from, and exit code 130."""
     from dasktrain.checkpoint import latest_checkpoint
+    from dasktrain.run_dir import run_location
 
     def terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
@@ -256,7 +258,7 @@ def _interrupts_stop_the_run(cfg: Any, resume_with: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
-        newest = latest_checkpoint(Path(cfg.output_dir))
+        newest = latest_checkpoint(run_location(cfg))
         where = (f"last good checkpoint {newest}; go on with: {resume_with}" if newest
                  else "no checkpoint was written")
         err.print(Text(f"interrupted: the run stopped; {where}", style="red"), soft_wrap=True)
@@ -299,9 +301,9 @@ def _print_outputs(summary: dict[str, Any]) -> None:
 @app.command()
 def predict(
     config: Annotated[Path, typer.Argument(help="The run config the model was trained with (model, normalisation, cluster).")],
-    checkpoint: Annotated[Path, typer.Option(help="model.safetensors, a checkpoint directory, or a run directory.")],
-    input_store: Annotated[Path, typer.Option("--input", help="Zarr store with the inputs array.")],
-    output_store: Annotated[Path, typer.Option("--output", help="Zarr store to write (arrays predictions, labels).")],
+    checkpoint: Annotated[str, typer.Option(help="model.safetensors, a checkpoint directory, or a run directory (a path or URL).")],
+    input_store: Annotated[str, typer.Option("--input", help="Zarr store with the inputs array (a path or URL).")],
+    output_store: Annotated[str, typer.Option("--output", help="Zarr store to write (arrays predictions, labels; a path or URL).")],
     overrides: Annotated[
         list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key (repeatable).")
     ] = None,
@@ -311,20 +313,24 @@ def predict(
     from dasktrain.cluster import open_cluster, upload_user_code
     from dasktrain.config import load_config
     from dasktrain.inference import predict as run_predict
+    from dasktrain.storage import check_url, locate
 
     with _user_errors():
         cfg = load_config(config, overrides or [])
+        for key, given in (("--checkpoint", checkpoint), ("--input", input_store), ("--output", output_store)):
+            check_url(given, key)  # before the cluster starts: a URL no filesystem can open is one line
+        target = locate(output_store, cfg.storage_options, "--output")
         with open_cluster(cfg.cluster) as client:
             upload_user_code(client, cfg.model.upload)  # the workers build the model
-            written = run_predict(client, cfg, checkpoint, input_store, output_store, overwrite=overwrite)
+            written = run_predict(client, cfg, checkpoint, input_store, target, overwrite=overwrite)
     out.print(f"wrote {escape(written['store'])}: {written['samples']} samples in {written['chunks']} chunks, "
               f"arrays {', '.join(written['arrays'])}", soft_wrap=True)
 
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (holds metrics.jsonl).")],
-    png: Annotated[Path | None, typer.Option("--out", help="Where to write the PNG (default: RUN_DIR/curves.png).")] = None,
+    run_dir: Annotated[str, typer.Argument(metavar="RUN_DIR", help="A run directory (holds metrics.jsonl), a path or URL.")],
+    png: Annotated[str | None, typer.Option("--out", help="Where to write the PNG (default: RUN_DIR/curves.png).")] = None,
 ) -> None:
     """Draw a run's loss and accuracy curves as a PNG (the flow's artifact, without Prefect)."""
     from dasktrain.report import epoch_table, plot_curves
@@ -363,6 +369,48 @@ def deploy(
         from dasktrain.flows.deployments import serve_training
 
         serve_training(config, name=name, cron=cron, interval=interval, overrides=overrides or [])
+
+
+# -- cluster show ---------------------------------------------------------------------------------
+
+cluster_app = typer.Typer(help="The cluster a run config names: see it resolved, before submitting anything.",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("show")
+def cluster_show(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML) whose cluster section to resolve.")],
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a config key (repeatable).")
+    ] = None,
+) -> None:
+    """Print the resolved cluster spec and, for jobqueue kinds (slurm, pbs, sge, lsf), the dask-jobqueue
+    arguments merged onto the site's jobqueue config (each with where it came from) and the exact
+    job script each worker job is submitted with. Submits nothing and starts no scheduler."""
+    import yaml
+
+    from dasktrain.cluster import jobqueue_script, workers_to_start
+    from dasktrain.config import JOBQUEUE_KINDS, load_config
+
+    with _user_errors():
+        cfg = load_config(config, overrides or [])
+        spec = cfg.cluster
+        plan, script = jobqueue_script(spec) if spec.kind in JOBQUEUE_KINDS else (None, None)
+    lines = [f"# {spec.source}", yaml.safe_dump(spec.model_dump(mode="json", exclude_none=True), sort_keys=False)]
+    if plan is not None and script is not None:
+        workers = spec.workers or 1
+        jobs = -(-workers // plan.processes)
+        start = min(workers, workers_to_start(cfg))
+        lines += ["", f"# {jobs} job(s) of {plan.processes} worker process(es) for cluster.workers={workers}; training "
+                  f"starts once {start} worker(s) are up (train.min_workers), the others join as their jobs start",
+                  f"# dask_jobqueue.{plan.class_name} arguments, merged onto the site's jobqueue.{spec.kind} config:",
+                  *(f"{key}: {json.dumps(value)}  # {origin}" for key, (value, origin) in plan.merged.items()),
+                  "",
+                  "# job script (dask-jobqueue's job_script(); the scheduler's address is filled in at submission):",
+                  script.rstrip()]
+    # Text, not markup: job scripts hold brackets; soft_wrap: each line whole, to be copied.
+    out.print(Text("\n".join(line.rstrip("\n") for line in lines)), soft_wrap=True)
 
 
 class _ProgressView:

@@ -23,7 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from dasktrain.errors import ConfigError
+from dasktrain.errors import ConfigError, StorageError
+from dasktrain.storage import check_url, is_url
 
 
 class _Frozen(BaseModel):
@@ -280,17 +281,29 @@ class ClusterConfig(_Frozen):
     here, taken from training on a busy machine. False keeps Dask's defaults (the dashboard's
     Profile page needs them); not for ``address``, whose workers have their own config."""
     wait_timeout: float = Field(default=120.0, gt=0)
-    """Seconds to wait for the workers to arrive before failing (jobqueue: includes queueing time)."""
+    """Seconds to wait for the workers to arrive before failing (jobqueue kinds: for the first
+    ``train.min_workers`` of them, queueing time included; the others join the run later)."""
     address: str | None = Field(default=None, validate_default=True)
     """Scheduler address such as ``tcp://10.0.0.5:8786`` or ``tls://...`` (``address`` only)."""
     jobqueue: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments of the dask-jobqueue class, passed through as they are: ``cores``, ``memory``,
-    ``processes``, ``queue``, ``account``, ``walltime``, ``interface``, ``job_extra_directives``,
-    ``log_directory``, ... (jobqueue kinds; the class rejects unknown ones, with the spec named)."""
+    """Keyword arguments of the dask-jobqueue class: ``cores``, ``memory``, ``processes``, ``queue``,
+    ``account``, ``walltime``, ``interface``, ``job_extra_directives``, ``log_directory``, ...
+    (jobqueue kinds; the class rejects unknown ones, with the spec named). They are merged onto the
+    site's ``jobqueue.<kind>`` Dask config (``jobqueue.yaml``), as dask-jobqueue does: a key set
+    here wins (a list such as ``job_script_prologue`` replaces the site's); a key not set here keeps
+    the site's value. ``dasktrain cluster show CONFIG`` prints the merged values and the job script."""
+    jobqueue_defaults: dict[str, Any] = Field(default_factory=dict)
+    """dask-jobqueue arguments used only where neither ``jobqueue`` nor the site's ``jobqueue.<kind>``
+    Dask config sets them: the shipped specs' ``cores``, ``memory``, ``processes`` and ``walltime``,
+    so that ``spec: slurm`` never overrides a site's own."""
     gpus_per_worker: int = Field(default=0, ge=0, validate_default=True)
-    """GPUs each jobqueue worker needs; the job requests them (SLURM ``--gres=gpu:N``, PBS ``ngpus=N``,
-    LSF ``-gpu num=N``) so it lands on a GPU node and the replica finds its device. Needs
-    ``jobqueue.processes: 1``; SGE has no standard GPU request: use ``job_extra_directives``."""
+    """GPUs each jobqueue worker needs, with one worker process per job; the job requests them (SLURM
+    ``--gres=gpu:N``, PBS ``ngpus=N`` in its ``select``, LSF ``-gpu num=N``) so it lands on a GPU node
+    and the replica finds its device. SGE has no standard GPU request: use ``job_extra_directives``."""
+    gpus_per_job: int = Field(default=0, ge=0, validate_default=True)
+    """Multi-GPU nodes (SLURM, PBS): each job asks for this many GPUs and runs as many worker
+    processes (``jobqueue.processes`` is set to it), each pinned to its own GPU of the job. Use it
+    with ``cluster.workers`` a multiple of it, for whole nodes; not with ``gpus_per_worker``."""
     security: Literal["none", "tls"] = "none"
     """``tls``: scheduler, workers and client talk over TLS and refuse peers without a certificate
     from the run's authority. Local kinds generate certificates for the run unless ``tls`` names files."""
@@ -301,7 +314,7 @@ class ClusterConfig(_Frozen):
     @classmethod
     def _read_spec(cls, data: Any) -> Any:
         if isinstance(data, str):
-            data = {"kind": data} if data in CLUSTER_KINDS else {"spec": data}
+            data = cluster_shorthand(data)
         if not isinstance(data, dict) or data.get("spec") is None:
             return data
         if not isinstance(data["spec"], str):
@@ -309,6 +322,10 @@ class ClusterConfig(_Frozen):
         path = _spec_path(data["spec"])
         from_file = _read_spec_file(path)
         inline = {k: v for k, v in data.items() if k != "spec"}
+        if "kind" in inline and "kind" in from_file and inline["kind"] != from_file["kind"]:
+            raise ValueError(f"cluster.spec={data['spec']} is a spec of kind {from_file['kind']!r} "
+                              f"({path}), and cluster.kind is {inline['kind']!r}: they conflict; drop cluster.kind, "
+                              "or give a spec of that kind")
         merged: dict[str, Any] = dict(from_file)
         for key, value in inline.items():
             both_maps = isinstance(value, dict) and isinstance(merged.get(key), dict)
@@ -337,10 +354,31 @@ class ClusterConfig(_Frozen):
     @field_validator("gpus_per_worker")
     @classmethod
     def _one_process_per_gpu_job(cls, value: int, info: ValidationInfo) -> int:
+        # The run config's own processes; the site's are checked when the spec is resolved
+        # against its Dask config (dasktrain.cluster.jobqueue).
         processes = (info.data.get("jobqueue") or {}).get("processes", 1)
         if value and info.data.get("kind") in JOBQUEUE_KINDS and processes != 1:
             raise ValueError(f"gpus_per_worker={value} needs jobqueue.processes: 1 (found {processes}): "
-                             "each worker trains on its own GPU, and the job's GPUs are not split between processes")
+                             "each worker trains on its own GPU, and the job's GPUs are not split between "
+                             "processes; for one job per multi-GPU node use cluster.gpus_per_job")
+        return value
+
+    @field_validator("gpus_per_job")
+    @classmethod
+    def _a_worker_process_per_gpu(cls, value: int, info: ValidationInfo) -> int:
+        if not value:
+            return value
+        kind = info.data.get("kind")
+        if kind not in ("slurm", "pbs"):
+            raise ValueError(f"gpus_per_job={value} pins one worker process per GPU on kinds 'slurm' and 'pbs', "
+                             f"not {kind!r}")
+        if info.data.get("gpus_per_worker"):
+            raise ValueError(f"gpus_per_job={value} and gpus_per_worker={info.data['gpus_per_worker']} both ask "
+                             "for GPUs; use one (gpus_per_job: a job per node, a worker per GPU)")
+        processes = (info.data.get("jobqueue") or {}).get("processes", value)
+        if processes != value:
+            raise ValueError(f"gpus_per_job={value} runs one worker process per GPU, and jobqueue.processes is "
+                             f"{processes}; drop jobqueue.processes (it follows gpus_per_job)")
         return value
 
     @field_validator("tls")
@@ -391,6 +429,14 @@ class ClusterConfig(_Frozen):
         if self.kind == "local-cuda" and self.devices:
             return f"cluster.workers (unset, so one per GPU of cluster.devices: {len(self.devices)})"
         return f"cluster.workers (unset, so {self.fewest_workers} for kind {self.kind!r})"
+
+
+def cluster_shorthand(name: str) -> dict[str, Any]:
+    """``cluster: NAME`` as a mapping: a jobqueue kind is its shipped spec (the kind with its
+    ``jobqueue_defaults``: cores, memory, walltime), another kind is that kind, anything else a spec file."""
+    if name in JOBQUEUE_KINDS:
+        return {"spec": name}
+    return {"kind": name} if name in CLUSTER_KINDS else {"spec": name}
 
 
 def _spec_path(name: str) -> Path:
@@ -465,6 +511,30 @@ class CheckpointConfig(_Frozen):
     """Newest checkpoints kept; older ones are deleted after a newer one is complete."""
 
 
+class MlflowConfig(_Frozen):
+    """Where MLflow records a run: its params, metrics and model."""
+
+    uri: str
+    """MLflow tracking URI: a server (``http://host:5000``), a database (``sqlite:///mlflow.db``), or a
+    folder (``file:///path/mlruns``, which MLflow 3 accepts only with ``MLFLOW_ALLOW_FILE_STORE=true``)."""
+    experiment: str = Field(default="dasktrain", min_length=1)
+    """Experiment the run is recorded in; created when it does not exist yet."""
+    artifact_location: str | None = None
+    """Where a new experiment keeps its artifacts (the model); none: the server's choice, or
+    ``./mlruns`` for a database URI. An existing experiment keeps its own."""
+
+
+class TrackingConfig(_Frozen):
+    """Experiment tracking, on the driver, from the records of ``metrics.jsonl``: the resolved config
+    as params, step and epoch metrics, and the final model. Needs ``pip install 'dasktrain[tracking]'``."""
+
+    mlflow: MlflowConfig | None = None
+    """Record the run in MLflow; none: no MLflow."""
+    tensorboard: str | None = None
+    """Folder of TensorBoard event files; each run writes to a subfolder named after its run
+    directory (``tensorboard --logdir`` this folder compares the runs); none: no TensorBoard."""
+
+
 DIGEST_WHEN_SET = ("inputs_dtype", "fields")
 """``data`` keys that enter the config digest only away from their defaults: added after runs
 existed, whose ``--resume`` must keep finding the digest they were written with."""
@@ -514,8 +584,34 @@ class RunConfig(_Frozen):
     cluster: ClusterConfig = ClusterConfig()
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
     output_dir: str = "runs/default"
-    """Run directory: model, metrics, checkpoints, resolved config."""
+    """Run directory: model, metrics, checkpoints, resolved config. A local path, or a URL on object
+    storage (``s3://bucket/runs/x``, ``gs://...``, ``file://...``), like every store path."""
+    storage_options: dict[str, Any] = {}
+    """Keyword arguments of the fsspec filesystem of every URL in this config (``data.store``,
+    ``output_dir``...), as ``zarr.open_group(url, storage_options=...)`` takes them, e.g.
+    ``{client_kwargs: {endpoint_url: http://...}}`` or ``{anon: true}``. A key that is a URL prefix
+    (``"s3://public-bucket/": {anon: true}``) holds options for the URLs under it only, merged over
+    the others. Saved with the config in the run directory: keep credentials in the environment or a
+    profile, not here. Not part of the config digest (where the data is read from, not what)."""
+
+    @model_validator(mode="after")
+    def _urls_can_be_opened(self) -> RunConfig:
+        validation = self.data.validation
+        for key, target in (("data.store", self.data.store), ("data.test_store", self.data.test_store),
+                            ("data.validation.store", validation.store if validation else None),
+                            ("output_dir", self.output_dir)):
+            if target is not None:
+                try:
+                    check_url(target, key)
+                except StorageError as exc:  # reported with the config's other problems, naming the file
+                    raise ValueError(str(exc)) from None
+        if is_url(self.output_dir) and self.parallel.pipeline > 1:
+            raise ValueError(f"output_dir {self.output_dir} is on object storage, where pipeline stages cannot "
+                             f"write their checkpoint parts yet (parallel.pipeline={self.parallel.pipeline}); "
+                             "use a local or shared-filesystem output_dir")
+        return self
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> RunConfig:
@@ -530,8 +626,9 @@ class RunConfig(_Frozen):
         # Keys added after runs existed enter only when set, so those runs keep their digest.
         data.update(k for k in DIGEST_WHEN_SET if getattr(self.data, k) == DataConfig.model_fields[k].default)
         relevant = self.model_dump(mode="json", exclude={
-            "cluster": True, "output_dir": True, "checkpoint": True,
+            "cluster": True, "output_dir": True, "checkpoint": True, "storage_options": True,
             "metrics": True,  # measured, not trained on
+            "tracking": True,  # where the records are also sent, not what is trained
             "data": data,
             "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger", "bucket_mb"},
             "model": {"upload"},  # how the code reaches the workers, not what it computes
@@ -689,7 +786,7 @@ def _apply_override(raw: dict[str, Any], item: str, path: Path) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if part == "cluster" and node is raw and isinstance(child, str):  # `cluster: slurm` shorthand
-            child = node[part] = {"kind": child} if child in CLUSTER_KINDS else {"spec": child}
+            child = node[part] = cluster_shorthand(child)
         if not isinstance(child, dict):
             raise ConfigError(f"override {item!r}: '{part}' in {path} is not a mapping")
         node = child

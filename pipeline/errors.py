@@ -39,3 +39,8 @@ class ClusterError(DasktrainError):
 
 class CheckpointError(DasktrainError):
     """A checkpoint is missing, incomplete, or belongs to a different run configuration."""
+
+
+class StorageError(ConfigError):
+    """A path or URL names storage that cannot be opened: a protocol no installed fsspec
+    filesystem handles (the message names the package to install), or options it refuses."""

@@ -60,7 +60,7 @@ def open_reader(info: DatasetInfo, data: DataConfig) -> ChunkReader:
     training store (``data.store``) when ``data.normalize`` is on, also for other stores."""
     if not data.normalize:
         return ChunkReader(info)
-    return NormalizedReader(info, read_normalization(data.store, data.inputs))
+    return NormalizedReader(info, read_normalization(data.store, data.inputs, info.storage_options))
 
 
 class StepRows:

@@ -3,7 +3,8 @@
 Both submit one task per chunk of the store: the task reads its chunk on the worker, runs the
 model there and returns a few numbers (evaluation) or writes the outputs straight into the
 matching chunk of the output store (prediction). No data and no weights pass through the
-driver: every worker loads ``model.safetensors`` from the shared filesystem, once per process.
+driver: every worker loads ``model.safetensors`` from the shared filesystem (or the object store
+of a URL, with the config's ``storage_options``), once per process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import zarr
 from distributed import Client, wait
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 from torch import nn
 from zarr.codecs import ZstdCodec
@@ -47,6 +49,7 @@ from dasktrain.objective import (
 )
 from dasktrain.preflight import resolve_splits
 from dasktrain.run_lock import locks_run_dir_of
+from dasktrain.storage import AnyPath, ObjectPath, is_url, locate, open_zarr_group, options_for, remove_tree
 from dasktrain.store import ATTRS_KEY, ArraySpec, Chunk, DatasetInfo, open_dataset, open_group, replace_store
 
 PREDICTIONS = "predictions"
@@ -57,8 +60,8 @@ kind of existing path it replaces."""
 RUN_DIR_FILES = ("config.yaml", CHECKPOINTS, "model.safetensors", METRICS_FILE)
 """Any of these makes a directory a run directory, which :func:`predict` never replaces."""
 
-_MODELS: dict[tuple[str, str, int], nn.Module] = {}
-"""Models loaded in this (worker) process, by (model config, weights file, its mtime)."""
+_MODELS: dict[tuple[str, str, str], nn.Module] = {}
+"""Models loaded in this (worker) process, by (model config, weights file, its version: mtime or ETag)."""
 _MODELS_LOCK = threading.Lock()
 
 
@@ -76,7 +79,7 @@ def evaluation_split(config: RunConfig) -> EvalSplit:
     data = config.data
     if data.test_store:
         test = open_dataset(data.test_store, data.inputs, data.targets if config.needs_targets else None,
-                            data.field_arrays if data.fields is not None else ())
+                            data.field_arrays if data.fields is not None else (), config.storage_options)
         return EvalSplit("test", test, test.chunks())
     splits = resolve_splits(config)
     if splits.val is not None and splits.val_chunks:
@@ -84,13 +87,13 @@ def evaluation_split(config: RunConfig) -> EvalSplit:
     return EvalSplit("train", splits.train, splits.train_chunks)
 
 
-def weights_file(path: str | Path) -> Path:
+def weights_file(path: str | AnyPath, storage_options: dict[str, Any] | None = None) -> AnyPath:
     """The ``model.safetensors`` of a file, a checkpoint directory, or a run directory (its final
-    model, else its newest checkpoint's); errors name the path."""
-    path = Path(path)
+    model, else its newest checkpoint's), a local path or a URL; errors name the path."""
+    path = locate(path, storage_options, "checkpoint")
     if path.is_file():
         return path
-    candidates = [path / "model.safetensors"]
+    candidates: list[AnyPath] = [path / "model.safetensors"]
     if (path / CHECKPOINTS).is_dir():
         newest = latest_checkpoint(path)
         if newest is not None:
@@ -101,10 +104,10 @@ def weights_file(path: str | Path) -> Path:
     raise CheckpointError(f"{path} holds no model: no model.safetensors, nor a checkpoint with one")
 
 
-def evaluate(client: Client, config: RunConfig, weights: str | Path, split: EvalSplit) -> dict[str, Any]:
+def evaluate(client: Client, config: RunConfig, weights: str | AnyPath, split: EvalSplit) -> dict[str, Any]:
     """Loss (mean over samples) and accuracy (classification) or RMS error (regression) of the
     model in ``weights`` on ``split``, one task per chunk on the workers."""
-    path = str(weights_file(weights))
+    path = str(weights_file(weights, config.storage_options))
     token = uuid.uuid4().hex[:8]
     futures = [client.submit(_evaluate_chunk, config, path, split.dataset, c, key=f"evaluate-{token}-{c.index}")
                for c in split.chunks]
@@ -124,28 +127,35 @@ def evaluate(client: Client, config: RunConfig, weights: str | Path, split: Eval
 
 
 @locks_run_dir_of("output_store", "predict")  # refused inside a run directory being written
-def predict(client: Client, config: RunConfig, weights: str | Path, input_store: str | Path,
-            output_store: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def predict(client: Client, config: RunConfig, weights: str | AnyPath, input_store: str | AnyPath,
+            output_store: str | AnyPath, overwrite: bool = False) -> dict[str, Any]:
     """Run the model on every sample of ``input_store``'s inputs array and write the outputs to
     ``output_store`` (array ``predictions``, plus ``labels`` for classification; only ``labels``
     for a sequence of class logits per sample, e.g. a language model's), chunk by chunk
-    from the workers. The store is written under a temporary name and renamed into place."""
-    path = str(weights_file(weights))
-    input_store, output_store = str(input_store), Path(output_store)
-    check_output(config, input_store, output_store, overwrite)
+    from the workers. The store is written under a temporary name and renamed into place; on
+    object storage (a URL) its arrays are written in place and the group's ``zarr.json`` last, so
+    the store exists only once whole (``--overwrite`` deletes the old one first there)."""
+    path = str(weights_file(weights, config.storage_options))
+    input_store = str(input_store)
+    output = locate(output_store, config.storage_options, "predict output")
+    check_output(config, input_store, output, overwrite)
     if config.data.fields is not None:
-        info = open_dataset(input_store, config.data.inputs, None, config.data.field_arrays)
+        info = open_dataset(input_store, config.data.inputs, None, config.data.field_arrays, config.storage_options)
         samples, chunk_size, fields, sample_shape = info.samples, info.chunk_size, info.fields, info.inputs.sample_shape
     else:
-        samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs)
+        samples, chunk_size, sample_shape = _inputs_layout(input_store, config.data.inputs, config.storage_options)
         fields = ()
     if config.data.normalize:
-        read_normalization(config.data.store, config.data.inputs)  # fail here, naming the store
+        read_normalization(config.data.store, config.data.inputs, config.storage_options)  # fail here, naming the store
     out_shape = _output_shape(config, fields, sample_shape)
-    tmp = output_store.with_name(f".{output_store.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(output, ObjectPath):
+        output.remove_tree()  # checked above: nothing, or predictions replaced with --overwrite
+        tmp: AnyPath = output
+    else:
+        tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+    target = str(tmp)
     try:
-        group = zarr.open_group(str(tmp), mode="w")
         arrays = {PREDICTIONS: (out_shape, "float32")}
         if config.loss == "cross_entropy" or (config.loss not in ("mse",) and len(out_shape) > 1):
             arrays[LABELS] = (out_shape[:-1], "int64")  # one per sample, or per position of a sequence
@@ -156,47 +166,59 @@ def predict(client: Client, config: RunConfig, weights: str | Path, input_store:
                 del arrays[PREDICTIONS]
         for name, (shape, dtype) in arrays.items():
             # Chunked like the input along axis 0: each task writes whole chunks, never shared ones.
-            group.create_array(name, shape=(samples, *shape), dtype=dtype, chunks=(chunk_size, *shape),
-                               compressors=ZstdCodec(level=3, checksum=True), config={"write_empty_chunks": True})
-        group.attrs[ATTRS_KEY] = {"written_by": WRITTEN_BY, "samples": samples, "chunk_size": chunk_size,
-                                  "source": input_store, "model": path,
-                                  "arrays": {n: {"dtype": d, "sample_shape": list(s)} for n, (s, d) in arrays.items()}}
+            # Arrays first, the group's zarr.json last (on object storage it marks the store whole).
+            zarr.create_array(f"{target}/{name}", shape=(samples, *shape), dtype=dtype, chunks=(chunk_size, *shape),
+                              compressors=ZstdCodec(level=3, checksum=True), config={"write_empty_chunks": True},
+                              **_remote(target, config))
         chunks = [Chunk(i, s, min(s + chunk_size, samples)) for i, s in enumerate(range(0, samples, chunk_size))]
         token = uuid.uuid4().hex[:8]
-        futures = [client.submit(_predict_chunk, config, path, input_store, str(tmp), c, key=f"predict-{token}-{c.index}")
+        futures = [client.submit(_predict_chunk, config, path, input_store, target, tuple(arrays), c,
+                                 key=f"predict-{token}-{c.index}")
                    for c in chunks]
         wait(futures)  # every task has ended, failed or not, before the temporary store may be removed
         written = sum(client.gather(futures))
-        replace_store(tmp, output_store)
+        group = open_zarr_group(target, "a", config.storage_options)
+        group.attrs[ATTRS_KEY] = {"written_by": WRITTEN_BY, "samples": samples, "chunk_size": chunk_size,
+                                  "source": input_store, "model": path,
+                                  "arrays": {n: {"dtype": d, "sample_shape": list(s)} for n, (s, d) in arrays.items()}}
+        if isinstance(output, Path):
+            assert isinstance(tmp, Path)
+            replace_store(tmp, output)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed predict leaves no partial store, and the old output as it was
+        remove_tree(tmp)  # a failed predict leaves no partial store (on disk: and the old output as it was)
         raise
-    return {"store": str(output_store), "samples": written, "chunks": len(chunks), "arrays": sorted(arrays)}
+    return {"store": str(output), "samples": written, "chunks": len(chunks), "arrays": sorted(arrays)}
 
 
-def check_output(config: RunConfig, input_store: str | Path, output_store: str | Path, overwrite: bool) -> None:
+def _remote(store: str, config: RunConfig) -> dict[str, Any]:
+    """``storage_options=`` for zarr when ``store`` is a URL, nothing for a local path."""
+    return {"storage_options": options_for(store, config.storage_options)} if is_url(store) else {}
+
+
+def check_output(config: RunConfig, input_store: str | AnyPath, output_store: str | AnyPath, overwrite: bool) -> None:
     """Refuse an output path that ``predict`` must not write: one that is, lies inside or contains
     the input store or a store of the config, one inside another Zarr store, and an existing path
     other than a store that ``predict`` wrote (only that one is replaced, and only with
     ``overwrite``). Errors name the path and the reason."""
-    output = Path(output_store)
-    target = output.resolve()
+    output = locate(output_store, config.storage_options, "predict output")
+    target = _canonical(output)
     validation = config.data.validation
     stores = {"input store": str(input_store), "training store": config.data.store,
               "test store": config.data.test_store, "validation store": validation.store if validation else None}
     for what, store in stores.items():
         if store is None:
             continue
-        source = Path(store).resolve()
-        if target == source or source in target.parents or target in source.parents:
-            relation = "is" if target == source else "lies inside" if source in target.parents else "contains"
+        source = _canonical(locate(store, config.storage_options, what))
+        if target == source or target.startswith(source + "/") or source.startswith(target + "/"):
+            relation = "is" if target == source else "lies inside" if target.startswith(source + "/") else "contains"
             raise DataError(f"predict output {output} {relation} the {what} {store}; write the predictions elsewhere")
-    for parent in target.parents:
+    parents: tuple[AnyPath, ...] = tuple(output.resolve().parents)
+    for parent in parents:
         if (parent / "zarr.json").is_file():
             raise DataError(f"predict output {output} lies inside the Zarr store {parent}; write the predictions elsewhere")
-    if not os.path.lexists(output):
+    if not (output.exists() if isinstance(output, ObjectPath) else os.path.lexists(output)):
         return
-    reason = _not_predictions(output)
+    reason = _not_predictions(output, config.storage_options)
     if reason is not None:
         raise DataError(f"predict output {output} {reason}; predict replaces (with --overwrite) only a store that "
                         "predict wrote: choose another path")
@@ -204,9 +226,14 @@ def check_output(config: RunConfig, input_store: str | Path, output_store: str |
         raise DataError(f"{output} already exists; pass --overwrite to replace it")
 
 
-def _not_predictions(path: Path) -> str | None:
+def _canonical(where: AnyPath) -> str:
+    """A location as one string to compare by prefix: a URL, or an absolute resolved path."""
+    return str(where) if isinstance(where, ObjectPath) else str(where.resolve())
+
+
+def _not_predictions(path: AnyPath, storage_options: dict[str, Any] | None = None) -> str | None:
     """Why the existing ``path`` is not a store that ``predict`` wrote; None when it is one."""
-    if path.is_symlink():
+    if isinstance(path, Path) and path.is_symlink():
         return "is a symbolic link"
     if not path.is_dir():
         return "is a file, not a Zarr store"
@@ -216,12 +243,12 @@ def _not_predictions(path: Path) -> str | None:
     if not (path / "zarr.json").is_file():
         return "is a directory, not a Zarr store"
     try:
-        attrs = zarr.open_group(str(path), mode="r").attrs.get(ATTRS_KEY)
+        attrs = open_zarr_group(path, "r", storage_options).attrs.get(ATTRS_KEY)
     except Exception:  # zarr raises several types for a damaged group
         return "is not a readable Zarr group"
     if not isinstance(attrs, dict) or attrs.get("written_by") != WRITTEN_BY:
         return f"is a Zarr store that predict did not write (its attributes lack {ATTRS_KEY}.written_by: {WRITTEN_BY})"
-    extra = sorted(set(os.listdir(path)) - {"zarr.json", PREDICTIONS, LABELS})
+    extra = sorted({p.name for p in path.iterdir()} - {"zarr.json", PREDICTIONS, LABELS})
     if extra:
         return f"holds {', '.join(extra)} besides the predictions"
     return None
@@ -231,12 +258,17 @@ def _not_predictions(path: Path) -> str | None:
 
 
 def _model(config: RunConfig, weights: str) -> nn.Module:
-    key = (config.model.model_dump_json(), weights, os.stat(weights).st_mtime_ns)
+    where = locate(weights, config.storage_options, "checkpoint")
+    # The weights' version: a file's mtime, an object's ETag (or modification time).
+    version = (str(where.fs.info(where.path).get("ETag") or where.fs.modified(where.path))
+               if isinstance(where, ObjectPath) else str(os.stat(where).st_mtime_ns))
+    key = (config.model.model_dump_json(), weights, version)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is None:
             model = build_model(config.model, config.train.seed)
-            model.load_state_dict(load_file(weights))
+            model.load_state_dict(load_tensors(where.read_bytes()) if isinstance(where, ObjectPath)
+                                  else load_file(str(where)))
             model.eval()
             _MODELS.clear()  # one model at a time per process: a new run's replaces the last
             _MODELS[key] = model
@@ -262,8 +294,9 @@ def _tensor(array: Any, _: str) -> torch.Tensor:
     return torch.from_numpy(array) if isinstance(array, np.ndarray) else array
 
 
-def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_store: str, chunk: Chunk) -> int:
-    group_in = zarr.open_group(input_store, mode="r")
+def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_store: str, names: tuple[str, ...],
+                   chunk: Chunk) -> int:
+    group_in = open_zarr_group(input_store, "r", config.storage_options)
     x: Any
     if config.data.fields is not None:
         x = {name: cast_field(torch.from_numpy(np.asarray(_array(group_in, name)[chunk.start : chunk.stop])))
@@ -271,15 +304,17 @@ def _predict_chunk(config: RunConfig, weights: str, input_store: str, output_sto
     else:
         x_np = np.asarray(_array(group_in, config.data.inputs)[chunk.start : chunk.stop])
         if config.data.normalize:
-            x_np = read_normalization(config.data.store, config.data.inputs).apply(x_np)
+            x_np = read_normalization(config.data.store, config.data.inputs, config.storage_options).apply(x_np)
         x = cast_inputs(config.data.inputs_dtype, torch.from_numpy(x_np))
     with torch.no_grad():
         out = output_logits("predictions", call_model(_model(config, weights), config.data.fields, x))
-    group = zarr.open_group(output_store, mode="r+")
-    if PREDICTIONS in group:
-        _array(group, PREDICTIONS)[chunk.start : chunk.stop] = out.numpy().astype(np.float32)
-    if LABELS in group:
-        _array(group, LABELS)[chunk.start : chunk.stop] = out.argmax(dim=-1).numpy().astype(np.int64)
+    # The arrays, not the group: on object storage the group's zarr.json is written after every chunk.
+    opened = {name: zarr.open_array(f"{output_store}/{name}", mode="r+", **_remote(output_store, config))
+              for name in names}
+    if PREDICTIONS in opened:
+        opened[PREDICTIONS][chunk.start : chunk.stop] = out.numpy().astype(np.float32)
+    if LABELS in opened:
+        opened[LABELS][chunk.start : chunk.stop] = out.argmax(dim=-1).numpy().astype(np.int64)
     return chunk.size
 
 
@@ -293,9 +328,9 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
 # -- on the driver ---------------------------------------------------------------------------
 
 
-def _inputs_layout(store: str, name: str) -> tuple[int, int, tuple[int, ...]]:
+def _inputs_layout(store: str, name: str, storage_options: dict[str, Any] | None = None) -> tuple[int, int, tuple[int, ...]]:
     """Samples, chunk size along axis 0 and sample shape of one array; errors name the store."""
-    group = open_group(store, what="input store")
+    group = open_group(store, what="input store", storage_options=storage_options)
     if name not in group:
         raise DataError(f"store {store} has no array '{name}' (arrays present: {sorted(group.array_keys())})")
     arr = _array(group, name)

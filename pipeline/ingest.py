@@ -3,12 +3,15 @@
 The store is a Zarr v3 group of sample-major arrays chunked along axis 0, compressed with zstd
 with a checksum per chunk (so a corrupt chunk is detected, not trained on). Its attributes
 record what it holds. The store is written under a temporary name and renamed into place, so an
-interrupted ingest never leaves a half-written store where a good one was.
+interrupted ingest never leaves a half-written store where a good one was. On object storage
+(a URL: no rename there) the arrays are written first and the group's ``zarr.json`` last: a store
+exists, for every reader, once that object does.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 from collections.abc import Mapping
@@ -20,6 +23,7 @@ import zarr
 from zarr.codecs import ZstdCodec
 
 from dasktrain.errors import DataError
+from dasktrain.storage import AnyPath, ObjectPath, locate, open_zarr_group, options_for
 from dasktrain.store import ATTRS_KEY, replace_store
 
 EXAMPLES = ("digits", "text")
@@ -33,9 +37,11 @@ def write_store(
     chunk_size: int = 1024,
     overwrite: bool = False,
     source: str = "",
-) -> Path:
-    """Write ``arrays`` (same length along axis 0) as a chunked Zarr v3 group at ``path``."""
-    path = Path(path)
+    storage_options: Mapping[str, Any] | None = None,
+) -> AnyPath:
+    """Write ``arrays`` (same length along axis 0) as a chunked Zarr v3 group at ``path`` (a local
+    path, or a URL with the fsspec ``storage_options``)."""
+    where = locate(path, storage_options, "ingest output")
     if chunk_size < 1:
         raise DataError(f"chunk size must be at least 1, got {chunk_size}")
     lengths = {name: len(a) for name, a in arrays.items()}
@@ -43,29 +49,41 @@ def write_store(
         raise DataError(f"arrays to ingest differ in length: {lengths}")
     for name, a in arrays.items():
         _check_numeric(a, f"array '{name}' from {source or 'input'}")
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; pass --overwrite to replace it")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(str(tmp), mode="w")
-    for name, a in arrays.items():
-        a = np.ascontiguousarray(a)
-        arr = group.create_array(
-            name, shape=a.shape, dtype=a.dtype, chunks=(min(chunk_size, max(len(a), 1)), *a.shape[1:]),
-            compressors=ZstdCodec(level=3, checksum=True),
-            # Write every chunk, even all-zero ones: then a missing chunk file means damage.
-            config={"write_empty_chunks": True},
-        )
-        arr[...] = a
-    n = next(iter(lengths.values()))
-    group.attrs[ATTRS_KEY] = {
-        "samples": n,
+    if where.exists() and not overwrite:
+        raise DataError(f"{where} already exists; pass --overwrite to replace it")
+    attrs: dict[str, Any] = {
+        "samples": next(iter(lengths.values())),
         "chunk_size": chunk_size,
         "arrays": {name: {"dtype": str(a.dtype), "sample_shape": list(a.shape[1:])} for name, a in arrays.items()},
         "source": source,
     }
-    replace_store(tmp, path)
-    return path
+    if isinstance(where, ObjectPath):
+        where.remove_tree()  # --overwrite: the old store goes first, its group metadata with it
+        url = str(where)
+        for name, a in arrays.items():
+            _write_array(functools.partial(zarr.create_array, f"{url}/{name}",
+                                           storage_options=options_for(url, storage_options)), a, chunk_size)
+        group = open_zarr_group(url, "a", storage_options)  # the group's zarr.json, last: the store now exists
+        group.attrs[ATTRS_KEY] = attrs
+        return where
+    tmp = where.with_name(f".{where.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(str(tmp), mode="w")
+    for name, a in arrays.items():
+        _write_array(functools.partial(group.create_array, name), a, chunk_size)
+    group.attrs[ATTRS_KEY] = attrs
+    replace_store(tmp, where)
+    return where
+
+
+def _write_array(create: Any, a: np.ndarray, chunk_size: int) -> None:
+    """Create one array with ``create(**settings)`` and write ``a`` into it, chunked along axis 0."""
+    a = np.ascontiguousarray(a)
+    arr = create(shape=a.shape, dtype=a.dtype, chunks=(min(chunk_size, max(len(a), 1)), *a.shape[1:]),
+                 compressors=ZstdCodec(level=3, checksum=True),
+                 # Write every chunk, even all-zero ones: then a missing chunk file means damage.
+                 config={"write_empty_chunks": True})
+    arr[...] = a
 
 
 def example_arrays(name: str, image: bool = False, context: int = TEXT_CONTEXT) -> dict[str, np.ndarray]:
@@ -183,9 +201,9 @@ def _parse_csv(path: Path, target_column: str | None, classification: bool) -> d
     return {"inputs": inputs, "targets": labels.astype(np.float32)[:, None]}
 
 
-def store_summary(path: str | Path) -> dict[str, Any]:
+def store_summary(path: str | AnyPath, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a store's attributes say it holds."""
-    group = zarr.open_group(str(path), mode="r")
+    group = open_zarr_group(path, "r", storage_options)
     summary = group.attrs.get(ATTRS_KEY, {})
     return dict(summary) if isinstance(summary, dict) else {}
 

@@ -5,6 +5,9 @@ indices it fed to the model, tagged with the driver's *generation* (bumped whene
 set changes). The driver's step records say which generation's result each step applied, so a
 step that was recomputed after a lost worker counts once, from the attempt that was used.
 
+On object storage (no appends) each writer keeps its lines and rewrites its object whole at
+every entry: the ledger is an audit option, small, and off by default.
+
 The library only writes the ledger; the audit that reads it back against ``metrics.jsonl`` lives
 with the tests (``tests/ledger_check.py``), which check it from the files alone.
 """
@@ -13,16 +16,28 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
+
+from dasktrain.storage import AnyPath, ObjectPath, locate
 
 LEDGER_DIR = "ledger"
 
 
-def append_entry(run_dir: str | Path, writer: str, entry: dict[str, Any]) -> None:
+_OBJECT_LINES: dict[str, list[str]] = {}
+"""On object storage: this process's ledger lines so far, by object URL."""
+
+
+def append_entry(run_dir: str | AnyPath, writer: str, entry: dict[str, Any]) -> None:
     """Append one line to this writer's ledger file (one file per replica process): ``generation``,
     ``step`` (global), ``epoch``, ``shard`` and ``samples`` (store sample indices)."""
-    folder = Path(run_dir) / LEDGER_DIR
+    where = locate(run_dir, key="output_dir")
+    if isinstance(where, ObjectPath):
+        target = where / LEDGER_DIR / f"{writer}-{os.getpid()}.jsonl"
+        lines = _OBJECT_LINES.setdefault(str(target), [])
+        lines.append(json.dumps(entry) + "\n")
+        target.write_text("".join(lines))
+        return
+    folder = where / LEDGER_DIR
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / f"{writer}-{os.getpid()}.jsonl", "a") as fh:
         fh.write(json.dumps(entry) + "\n")

@@ -74,7 +74,7 @@ def resolve_splits(config: RunConfig) -> DataSplits:
     data = config.data
     targets = data.targets if config.needs_targets else None
     fields = data.field_arrays if data.fields is not None else ()
-    train = open_dataset(data.store, data.inputs, targets, fields)
+    train = open_dataset(data.store, data.inputs, targets, fields, config.storage_options)
     chunks = train.chunks()
     split = data.validation
     if split is None:
@@ -83,7 +83,7 @@ def resolve_splits(config: RunConfig) -> DataSplits:
         train_chunks, val_chunks = split_validation(chunks, split.fraction, config.train.seed)
         return DataSplits(train, train_chunks, train, val_chunks)
     assert split.store is not None
-    val = open_dataset(split.store, data.inputs, targets, fields)
+    val = open_dataset(split.store, data.inputs, targets, fields, config.storage_options)
     pairs = [(f"array '{a.name}'", a, b) for a, b in zip(train.fields, val.fields)] or [("inputs", train.inputs, val.inputs)]
     if train.targets is not None and val.targets is not None:
         pairs.append(("targets", train.targets, val.targets))

@@ -4,7 +4,7 @@ normalisation statistics on the cluster."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +15,19 @@ from dasktrain.config import DataConfig, RunConfig
 from dasktrain.errors import ConfigError, DataError
 from dasktrain.normalize import compute_normalization
 from dasktrain.preflight import Preflight, preflight
+from dasktrain.storage import ObjectPath, is_url, locate
 
 
-def store_pending(data: DataConfig) -> bool:
+def store_pending(data: DataConfig, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Whether ``data.store`` is still to be ingested from ``data.source`` (so it cannot be checked yet)."""
-    return bool(data.source) and not Path(data.store).exists()
+    where = locate(data.store, storage_options, "data.store")
+    # An object store has no directories: a store exists there when its group's metadata does.
+    return bool(data.source) and not (where / "zarr.json" if isinstance(where, ObjectPath) else where).exists()
 
 
-def ensure_store(data: DataConfig) -> bool:
+def ensure_store(data: DataConfig, storage_options: Mapping[str, Any] | None = None) -> bool:
     """Write ``data.store`` from ``data.source`` when the store does not exist yet; True if it did."""
-    if not store_pending(data):
+    if not store_pending(data, storage_options):
         return False
     source = data.source
     assert source is not None  # store_pending said so
@@ -37,7 +40,8 @@ def ensure_store(data: DataConfig) -> bool:
     else:
         raise ConfigError(f"data.source {source!r}: give example:NAME, an .npz or a .csv file")
     arrays = {data.inputs: arrays["inputs"], data.targets: arrays["targets"]}
-    ingest.write_store(data.store, arrays, chunk_size=data.source_chunk_size, source=source)
+    ingest.write_store(data.store, arrays, chunk_size=data.source_chunk_size, source=source,
+                       storage_options=storage_options)
     return True
 
 
@@ -47,7 +51,7 @@ def prepare_data(config: RunConfig, connect: Callable[[], Client],
     then, the checks passed, get the cluster from ``connect`` and compute the normalisation
     statistics on it (``data.normalize``). Returns the checks, for the run, and facts for the run
     summary."""
-    ingested = ensure_store(config.data)
+    ingested = ensure_store(config.data, config.storage_options)
     if ingested or checked is None or not checked.fits(config):
         checked = preflight(config)
     splits = checked.splits
@@ -58,8 +62,9 @@ def prepare_data(config: RunConfig, connect: Callable[[], Client],
         "workers": len(client.nthreads()),
     }
     if config.data.normalize:
-        if not Path(config.data.store).is_dir():
+        if not is_url(config.data.store) and not Path(config.data.store).is_dir():
             raise DataError(f"data.normalize: store {config.data.store} is not a directory store")
-        compute_normalization(client, config.data.store, config.data.inputs, splits.train_chunks)
+        compute_normalization(client, config.data.store, config.data.inputs, splits.train_chunks,
+                              config.storage_options)
         facts["normalized"] = True
     return checked, facts

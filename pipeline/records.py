@@ -83,6 +83,11 @@ class Recorder:
             log.warning("step %d had a non-finite loss in %d unit(s): update skipped", t, stats["nonfinite"])
         self._epoch.add(stats, result.extra)
         self.metrics.write(record)
+        every = self.config.checkpoint.every_steps
+        if every and (t + 1) % every == 0:
+            # The update of step t makes checkpoint t + 1: its records are made durable now (on
+            # object storage they are uploaded now and then), so a resume from it finds them.
+            self.metrics.flush()
         self.emit(record)
 
     def close_epoch(self, boundary: int, validation: dict[str, Any] | None) -> None:
@@ -94,6 +99,7 @@ class Recorder:
         record = self._epoch.close(boundary // spe - 1, boundary, validation, self.config.loss)
         self.epochs.append(record)
         self.metrics.write(record)
+        self.metrics.flush()
         self.emit(record)
 
 

@@ -25,7 +25,6 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -48,6 +47,7 @@ from dasktrain.registry import Resident, release
 from dasktrain.rows import Rows
 from dasktrain.running_stats import RunningStats
 from dasktrain.step_core import StepCore
+from dasktrain.storage import locate
 from dasktrain.store import Chunk, DatasetInfo
 from dasktrain.streams import needs_per_shard_forward
 
@@ -131,7 +131,7 @@ class Replica:
             self.optimizer.load_state_dict(state["optimizer"])
             self.applied = state["applied"]
         elif spec.resume_from:
-            ckpt = load_checkpoint(Path(spec.resume_from))
+            ckpt = load_checkpoint(locate(spec.resume_from, cfg.storage_options, "checkpoint"))
             self.model.load_state_dict(ckpt.model)
             self.optimizer.load_state_dict(ckpt.optimizer)
         self.history: dict[int, dict[str, Any]] = {}
@@ -294,7 +294,7 @@ class Replica:
         epoch, k = self.plan.locate(t)
         plan = self.plan.epoch(epoch)
         for shard in self.spec.shards:
-            append_entry(self.spec.run_dir, f"{self.spec.run_id}", {
+            append_entry(locate(self.spec.run_dir, self.spec.config.storage_options, "output_dir"), f"{self.spec.run_id}", {
                 "generation": self.spec.generation, "step": t, "epoch": epoch, "shard": shard,
                 "samples": plan.samples_of(k, shard).tolist(),
             })
@@ -337,7 +337,7 @@ class Replica:
 
     def write_checkpoint(self, t: int, meta: dict[str, Any]) -> None:
         cfg = self.spec.config
-        save_checkpoint(Path(self.spec.run_dir), t, self.model.state_dict(), self.optimizer.state_dict(),
+        save_checkpoint(locate(self.spec.run_dir, cfg.storage_options, "output_dir"), t, self.model.state_dict(), self.optimizer.state_dict(),
                         meta, keep=cfg.checkpoint.keep)
 
     def close(self) -> None:
@@ -377,7 +377,7 @@ def save_replica_checkpoint(run_id: str, meta: dict[str, Any]) -> str:
     replica = get_replica(run_id)
     with replica.lock:
         replica.write_checkpoint(replica.applied, meta)
-    return str(Path(replica.spec.run_dir))
+    return replica.spec.run_dir
 
 
 def _to_host(value: Any) -> Any:

@@ -1,16 +1,20 @@
 """A run's report from its run directory: loss/accuracy curves as a PNG, and the summary and
 per-epoch table that the flow publishes as Prefect artifacts. Plain files in, plain files out:
-``dasktrain report RUN_DIR`` makes the same PNG without Prefect."""
+``dasktrain report RUN_DIR`` makes the same PNG without Prefect. A run directory on object storage
+(a URL) is read and written there the same way."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dasktrain.errors import DataError
 from dasktrain.metrics import METRICS_FILE, read_metrics
+from dasktrain.storage import AnyPath, ObjectPath, is_url, locate
 
 CURVES_FILE = "curves.png"
 EVALUATION_FILE = "evaluation.json"
@@ -19,13 +23,15 @@ EPOCH_COLUMNS = ("epoch", "end_step", "samples", "train_loss", "train_accuracy",
                  "samples_per_s", "time_s")
 
 
-def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the loss (per step and per epoch) and accuracy (per epoch) curves of a run as a PNG."""
+def plot_curves(run_dir: str | AnyPath, out: str | AnyPath | None = None,
+                storage_options: Mapping[str, Any] | None = None) -> AnyPath:
+    """Write the loss (per step and per epoch) and accuracy (per epoch) curves of a run as a PNG
+    (``out``, by default ``curves.png`` in the run directory; either may be a URL)."""
     # The object API with the Agg canvas: no pyplot global state, no display needed.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    run_dir = Path(run_dir)
+    run_dir = locate(run_dir, storage_options, "run directory")
     records = _records(run_dir)
     steps = [r for r in records if r.get("kind") == "step" and not r.get("skipped")]
     epochs = [r for r in records if r.get("kind") == "epoch"]
@@ -51,14 +57,19 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
             ax.legend()
     fig.suptitle(run_dir.name)
     fig.tight_layout()
-    path = Path(out) if out is not None else run_dir / CURVES_FILE
-    fig.savefig(path)
+    path = locate(out, storage_options, "--out") if out is not None else run_dir / CURVES_FILE
+    if isinstance(path, ObjectPath):
+        png = io.BytesIO()
+        fig.savefig(png, format="png")
+        path.write_bytes(png.getvalue())
+    else:
+        fig.savefig(path)
     return path
 
 
-def epoch_table(run_dir: str | Path) -> list[dict[str, Any]]:
+def epoch_table(run_dir: str | AnyPath, storage_options: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per epoch record of ``metrics.jsonl`` (the columns of :data:`EPOCH_COLUMNS` it has)."""
-    epochs = [r for r in _records(Path(run_dir)) if r.get("kind") == "epoch"]
+    epochs = [r for r in _records(locate(run_dir, storage_options, "run directory")) if r.get("kind") == "epoch"]
     columns = [c for c in EPOCH_COLUMNS if any(c in r for r in epochs)]
     columns += sorted({k for r in epochs for k in r if k.startswith("val_") and k not in EPOCH_COLUMNS
                        and k != "val_samples"})  # the run's own metrics
@@ -67,9 +78,11 @@ def epoch_table(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def summary_markdown(facts: dict[str, Any]) -> str:
     """The run summary: config digest, dataset, workers, epochs, final metrics, run directory, curves."""
-    run_dir = Path(facts["run_dir"]).resolve()
+    url = is_url(facts["run_dir"])
+    run_dir = facts["run_dir"] if url else Path(facts["run_dir"]).resolve()
+    name = str(run_dir).rstrip("/").rpartition("/")[2]
     lines = [
-        f"# dasktrain run `{run_dir.name}`",
+        f"# dasktrain run `{name}`",
         "",
         "| | |",
         "| --- | --- |",
@@ -93,19 +106,23 @@ def summary_markdown(facts: dict[str, Any]) -> str:
                        ("predictions", "predictions"), ("metrics", "metrics")):
         if facts.get(key):
             lines.append(f"| {label} | `{facts[key]}` |")
-    curves = Path(facts["curves"]).resolve() if facts.get("curves") else None
-    if curves is not None:
-        lines += ["", f"Loss and accuracy curves: [{curves.name}]({curves.as_uri()}) (`{curves}`)"]
+    curves = facts.get("curves")
+    if curves and is_url(curves):
+        lines += ["", f"Loss and accuracy curves: `{curves}`"]
+    elif curves:
+        png = Path(curves).resolve()
+        lines += ["", f"Loss and accuracy curves: [{png.name}]({png.as_uri()}) (`{png}`)"]
     return "\n".join(lines) + "\n"
 
 
-def write_evaluation(run_dir: str | Path, evaluation: dict[str, Any]) -> Path:
-    path = Path(run_dir) / EVALUATION_FILE
+def write_evaluation(run_dir: str | AnyPath, evaluation: dict[str, Any],
+                     storage_options: Mapping[str, Any] | None = None) -> AnyPath:
+    path = locate(run_dir, storage_options, "run directory") / EVALUATION_FILE
     path.write_text(json.dumps(evaluation, indent=1))
     return path
 
 
-def _records(run_dir: Path) -> list[dict[str, Any]]:
+def _records(run_dir: AnyPath) -> list[dict[str, Any]]:
     if not (run_dir / METRICS_FILE).is_file():
         raise DataError(f"{run_dir} holds no {METRICS_FILE}: not a run directory, or the run has not started")
     return read_metrics(run_dir)

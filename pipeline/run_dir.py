@@ -4,19 +4,20 @@ Layout: ``config.yaml`` (the resolved config), ``metrics.jsonl`` (:mod:`dasktrai
 ``checkpoints/step-NNNNNNNN/`` (:mod:`dasktrain.checkpoint`), ``model.safetensors`` and
 ``summary.json`` once the run completes, and ``.lock`` while a process writes it
 (:mod:`dasktrain.run_lock`). Choosing where a call starts reads checkpoints' ``state.json``
-only, never their tensors.
+only, never their tensors. ``output_dir`` may be a URL on object storage
+(:mod:`dasktrain.storage`): the same layout, as objects, with each checkpoint committed by a marker.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from dasktrain.checkpoint import DATA_LAYOUT, check_data_layout, checkpoint_state, latest_checkpoint, set_aside_damaged
 from dasktrain.config import RunConfig
 from dasktrain.errors import CheckpointError
 from dasktrain.plan import SamplingPlan
+from dasktrain.storage import AnyPath, locate
 from dasktrain.store import store_layout
 
 MODEL_FILE = "model.safetensors"
@@ -28,27 +29,33 @@ SUMMARY_FILE = "summary.json"
 class RunResult:
     """What a finished (or stopped) run leaves: where, how far, and its epoch metrics."""
 
-    run_dir: Path
+    run_dir: AnyPath
     steps: int
     completed: bool
     epochs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
-    def model_path(self) -> Path:
+    def model_path(self) -> AnyPath:
         return self.run_dir / MODEL_FILE
+
+
+def run_location(config: RunConfig) -> AnyPath:
+    """Where ``config``'s run directory is: a local path, or an object-storage prefix of a URL
+    ``output_dir`` (with the config's ``storage_options``)."""
+    return locate(config.output_dir, config.storage_options, "output_dir")
 
 
 def data_layout(config: RunConfig) -> dict[str, Any]:
     """The layout of every store the trajectory depends on, by config key; recorded in each
     checkpoint's ``state.json`` and checked by ``--resume`` (:func:`dasktrain.checkpoint.check_data_layout`)."""
-    layouts = {"data.store": store_layout(config.data.store)}
+    layouts = {"data.store": store_layout(config.data.store, config.storage_options)}
     validation = config.data.validation
     if validation is not None and validation.store is not None:
-        layouts["data.validation.store"] = store_layout(validation.store)
+        layouts["data.validation.store"] = store_layout(validation.store, config.storage_options)
     return layouts
 
 
-def run_span(config: RunConfig, run_dir: Path, plan: SamplingPlan, resume: bool,
+def run_span(config: RunConfig, run_dir: AnyPath, plan: SamplingPlan, resume: bool,
              until_epoch: int | None) -> tuple[int, int]:
     """The global steps ``[start, end)`` this call trains: from the run directory's state
     (:func:`prepare_run_dir`, with its lock held) to the end, or to the end of ``until_epoch``."""
@@ -60,7 +67,7 @@ def run_span(config: RunConfig, run_dir: Path, plan: SamplingPlan, resume: bool,
     return start_step, end_step
 
 
-def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
+def prepare_run_dir(config: RunConfig, run_dir: AnyPath, resume: bool) -> int:
     """Check the run directory against ``resume``; returns the step training starts at.
 
     Called with the run directory's lock held. A resume goes on from the newest checkpoint that
@@ -91,7 +98,7 @@ def prepare_run_dir(config: RunConfig, run_dir: Path, resume: bool) -> int:
     return int(state["step"])
 
 
-def last_good(run_dir: Path) -> str:
+def last_good(run_dir: AnyPath) -> str:
     """Where a stopped run can go on from, for error messages."""
     newest = latest_checkpoint(run_dir)
     return f"last good checkpoint: {newest}" if newest else "no checkpoint was written"

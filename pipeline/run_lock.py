@@ -27,6 +27,17 @@ A lock held by this process (another thread, a nested call) is refused from memo
 touching the file: on NFS, whose flock emulation has POSIX-lock semantics, opening and closing
 the file again in the holding process would drop the holder's lock.
 
+On object storage (``output_dir`` a URL) there is no flock: the lock is the object
+``output_dir/.lock``, holding the same JSON, created with a conditional PUT (S3's
+``If-None-Match: *``, fsspec's ``mode="create"``), so of two drivers starting at once exactly one
+creates it and the other is refused naming the holder. Where a store has no conditional PUT the
+creation is a check then a write, with a short window in which two can both think they hold it.
+Nothing releases the object of a holder that dies: like the file-only fallback above, a holder on
+this host whose pid is gone is stale and taken over (with a warning); one on another host cannot
+be checked, so it is refused with the object's URL to delete by hand once no run is active there.
+The guarantee is therefore: one writer per run directory among live drivers, and a crashed
+driver's lock taken over at once from its own host, by hand from another.
+
 Released in ``finally``: the file is unlinked (while still locked, so that anyone who opened it
 meanwhile notices, by its inode, that it is no longer the lock file) and closed. A run directory
 therefore holds ``.lock`` only while it is being written, or after a crash; neither the check
@@ -55,6 +66,7 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from dasktrain.errors import CheckpointError
+from dasktrain.storage import AnyPath, ObjectPath, locate
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +155,36 @@ class RunLock:
                 _HELD.pop(str(self.path), None)
 
 
+class ObjectRunLock:
+    """A held lock object on a run directory on object storage; :meth:`release` (idempotent)
+    deletes it if it still names this holder."""
+
+    def __init__(self, run_dir: ObjectPath, path: ObjectPath, holder: Holder) -> None:
+        self.run_dir = run_dir
+        self.path = path
+        self.holder = holder
+        self.flock = False
+        self._held = True
+
+    def release(self) -> None:
+        with _HELD_MUTEX:
+            if not self._held:
+                return
+            self._held = False
+            _HELD.pop(str(self.path), None)
+        try:
+            if Holder.parse(self.path.read_bytes()) == self.holder:
+                self.path.unlink(missing_ok=True)
+        except OSError as exc:  # gone already, or the store cannot be reached: nothing left to do here
+            log.debug("could not remove %s: %s", self.path, exc)
+
+
 @contextmanager
-def run_lock(run_dir: str | Path, purpose: str = "train") -> Iterator[RunLock]:
+def run_lock(run_dir: str | AnyPath, purpose: str = "train") -> Iterator[RunLock | ObjectRunLock]:
     """Hold ``run_dir``'s lock for the ``with`` block (the directory is created if need be);
     raises :class:`RunDirLockedError` naming the holder when someone else writes it."""
-    lock = acquire(Path(run_dir), purpose)
+    where = locate(run_dir, key="run directory")
+    lock = acquire_object(where, purpose) if isinstance(where, ObjectPath) else acquire(where, purpose)
     try:
         yield lock
     finally:
@@ -176,8 +213,52 @@ def acquire(run_dir: Path, purpose: str = "train") -> RunLock:
         raise
 
 
-def check_unlocked(run_dir: Path) -> None:
+def acquire_object(run_dir: ObjectPath, purpose: str = "train") -> ObjectRunLock:
+    """Take the lock object of a run directory on object storage now, or raise
+    :class:`RunDirLockedError`; see the module's docstring for what it guarantees."""
+    path = run_dir / LOCK_FILE
+    key = str(path)
+    with _HELD_MUTEX:
+        held = _HELD.get(key)
+        if held is not None:
+            raise _locked(run_dir, held)
+        me = Holder.this_process(purpose)
+        _HELD[key] = me
+    try:
+        for _ in range(ATTEMPTS):
+            if path.create_exclusive(me.to_bytes()):
+                return ObjectRunLock(run_dir, path, me)
+            try:
+                found = path.read_bytes()
+            except FileNotFoundError:  # released between the two calls: try again
+                continue
+            holder = Holder.parse(found)
+            if holder is not None and _alive_or_unknown(holder):
+                raise _locked(run_dir, holder, path if holder.host != me.host else None)
+            log.warning("%s: taking over a stale lock: %s is gone", run_dir,
+                        holder.describe() if holder else "a holder that never wrote its name")
+            path.unlink(missing_ok=True)
+        raise RunDirLockedError(f"{run_dir} is in use: its lock object {path} kept changing over {ATTEMPTS} tries")
+    except BaseException:
+        with _HELD_MUTEX:
+            _HELD.pop(key, None)
+        raise
+
+
+def check_unlocked(run_dir: AnyPath) -> None:
     """Raise :class:`RunDirLockedError` if someone holds ``run_dir``'s lock; takes nothing."""
+    if isinstance(run_dir, ObjectPath):
+        with _HELD_MUTEX:
+            held = _HELD.get(str(run_dir / LOCK_FILE))
+        if held is not None:
+            raise _locked(run_dir, held)
+        try:
+            holder = Holder.parse((run_dir / LOCK_FILE).read_bytes())
+        except FileNotFoundError:
+            return
+        if holder is not None and _alive_or_unknown(holder):
+            raise _locked(run_dir, holder, run_dir / LOCK_FILE if holder.host != socket.gethostname() else None)
+        return
     path = run_dir.resolve() / LOCK_FILE
     with _HELD_MUTEX:
         held = _HELD.get(str(path))
@@ -201,14 +282,15 @@ def check_unlocked(run_dir: Path) -> None:
         os.close(fd)  # releases a flock taken just to look
 
 
-def run_dir_of(path: str | Path) -> Path | None:
+def run_dir_of(path: str | AnyPath) -> AnyPath | None:
     """The nearest run directory holding ``path`` (``path`` itself included), or None.
 
     A run directory holds a lock file, or ``config.yaml`` with checkpoints or metrics: a folder
     that merely has a ``checkpoints`` subfolder (a home directory, say) is not one, so that no
     lock file is ever created there."""
-    path = Path(path).resolve()
-    for candidate in (path, *path.parents):
+    path = locate(path, key="path").resolve()
+    candidates: tuple[AnyPath, ...] = (path, *path.parents)
+    for candidate in candidates:
         if (candidate / LOCK_FILE).exists() or (
                 (candidate / "config.yaml").is_file() and any((candidate / f).exists() for f in RUN_FILES)):
             return candidate
@@ -222,14 +304,18 @@ R = TypeVar("R")
 def locks_run_dir_of(parameter: str, purpose: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator: while the function runs, hold the lock of the run directory that holds the path
     given as ``parameter`` (when it is inside one), after checking that no enclosing run directory
-    further up is locked. Refuses with :class:`RunDirLockedError` before the function starts."""
+    further up is locked (a URL opened with the storage options of the call's ``config``).
+    Refuses with :class:`RunDirLockedError` before the function starts."""
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         signature = inspect.signature(func)
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            target = Path(signature.bind(*args, **kwargs).arguments[parameter])
+            arguments = signature.bind(*args, **kwargs).arguments
+            # A URL is opened with the storage options of the call's run config, when it has one.
+            options = getattr(arguments.get("config"), "storage_options", None)
+            target = locate(arguments[parameter], options, parameter)
             run_dir = run_dir_of(target)
             if run_dir is None:
                 return func(*args, **kwargs)
@@ -357,7 +443,7 @@ def _alive_or_unknown(holder: Holder) -> bool:
     return True
 
 
-def _locked(run_dir: Path, holder: Holder | None, remove_hint: Path | None = None) -> RunDirLockedError:
+def _locked(run_dir: AnyPath, holder: Holder | None, remove_hint: AnyPath | None = None) -> RunDirLockedError:
     who = holder.describe() if holder is not None else "a process that has not written its name yet"
     hint = (f" (its host cannot be checked from here: if nothing runs there any more, delete {remove_hint})"
             if remove_hint is not None else "")

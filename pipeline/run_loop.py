@@ -24,15 +24,14 @@ import json
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from distributed import Client
 
 from dasktrain.checkpoint import save_model
-from dasktrain.cluster import open_cluster, send_without_delay, upload_user_code
+from dasktrain.cluster import open_cluster, send_without_delay, upload_user_code, workers_to_start
 from dasktrain.config import RunConfig, cross_section_problems
 from dasktrain.engines import make_engine
 from dasktrain.engines.base import Cadence, Engine, RunContext, WorkersChanged
@@ -43,6 +42,8 @@ from dasktrain.records import Event, Recorder
 from dasktrain.run_dir import MODEL_FILE, SUMMARY_FILE, RunResult, data_layout, last_good, run_span
 from dasktrain.run_lock import run_lock
 from dasktrain.stages import plan_stages
+from dasktrain.storage import locate
+from dasktrain.tracking import RunObserver, observing
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,16 @@ def train(
     until_epoch: int | None = None,
     on_event: Callable[[Event], None] | None = None,
     checked: Preflight | None = None,
+    observers: Sequence[RunObserver] = (),
 ) -> RunResult:
     """Train ``config`` on ``client``'s cluster (or on one started from ``config.cluster``).
 
     ``until_epoch`` stops after that many epochs, with a checkpoint, so that ``resume`` can go on
     later. ``on_event`` receives ``start``, ``step``, ``epoch``, ``regroup`` and ``end`` records
     (the CLI's progress display). ``checked``: the :func:`~dasktrain.preflight.preflight` the
-    caller already made for this config (the flow's prepare stage), not made again. Raises
+    caller already made for this config (the flow's prepare stage), not made again. ``observers``
+    are told the records too (:mod:`dasktrain.tracking`; the flow's progress), besides the
+    trackers of ``config.tracking``. Raises
     :class:`DasktrainError` subclasses for every user-fixable problem.
     """
     problems = cross_section_problems(config)  # a config changed with model_copy skipped them
@@ -74,12 +78,12 @@ def train(
     splits, plan = checked.splits, checked.plan
     # Where the model is cut: on the driver, before the cluster starts (``balance: time`` measures).
     stages = plan_stages(config, splits.train.inputs.sample_shape) if config.parallel.pipeline > 1 else None
-    run_dir = Path(config.output_dir)
-    emit = on_event or (lambda event: None)
+    run_dir = locate(config.output_dir, config.storage_options, "output_dir")  # a local path, or a URL
     with run_lock(run_dir, "train"):  # one writer per run directory, released on every exit
         start, end = run_span(config, run_dir, plan, resume, until_epoch)
         cadence = Cadence(start, end, plan.steps_per_epoch, config.checkpoint.every_steps)
-        with _client_for(config, client) as c:
+        # Trackers open before the cluster starts: a missing package or a bad URI fails at once.
+        with observing(config, start, on_event, observers) as emit, _client_for(config, client) as c:
             upload_user_code(c, config.model.upload)  # the user's code on every worker, also those that join later
             send_without_delay(c)  # a step waits on a few small messages: no batching delay on them
             ctx = RunContext(config, c, splits, plan, run_dir, uuid.uuid4().hex[:10], cadence, data_layout(config))
@@ -100,7 +104,8 @@ def train(
                     save_model(run_dir / MODEL_FILE, engine.final_weights())
                 (run_dir / SUMMARY_FILE).write_text(json.dumps(
                     {"steps": end, "completed": completed, "epochs": recorder.epochs}, indent=1))
-                recorder.write({"kind": "end", "completed": completed, "steps": end, "epochs": recorder.epochs})
+                recorder.write({"kind": "end", "completed": completed, "steps": end, "epochs": recorder.epochs,
+                                "model": str(run_dir / MODEL_FILE) if completed else None})
                 return RunResult(run_dir, end, completed, recorder.epochs)
             finally:
                 metrics.close()
@@ -145,5 +150,5 @@ def _client_for(config: RunConfig, client: Client | None) -> Iterator[Client]:
     if client is not None:
         yield client
         return
-    with open_cluster(config.cluster) as started:
+    with open_cluster(config.cluster, start_with=workers_to_start(config)) as started:
         yield started

@@ -13,7 +13,8 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -23,6 +24,7 @@ from zarr.core.sync import sync
 
 from dasktrain.errors import DataError
 from dasktrain.rows import Rows
+from dasktrain.storage import ObjectPath, locate, open_zarr_group
 
 ATTRS_KEY = "dasktrain"
 
@@ -62,6 +64,8 @@ class DatasetInfo:
     chunk_size: int
     fields: tuple[ArraySpec, ...] = ()
     """The arrays of ``data.fields`` (each once, in order); empty: the model takes ``inputs``."""
+    storage_options: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+    """The config's ``storage_options`` when ``path`` is a URL: workers open the store themselves."""
 
     def chunks(self) -> tuple[Chunk, ...]:
         """All chunks of the store in index order."""
@@ -69,12 +73,17 @@ class DatasetInfo:
         return tuple(Chunk(i, s, min(s + self.chunk_size, self.samples)) for i, s in enumerate(starts))
 
 
-def open_group(path: str, what: str = "dataset store") -> zarr.Group:
-    """Open a store's group read-only; errors say which store is missing or unreadable."""
-    if not Path(path).exists():
+def open_group(path: str, what: str = "dataset store", storage_options: Mapping[str, Any] | None = None) -> zarr.Group:
+    """Open a store's group read-only, a local path or a URL (with ``storage_options``); errors say
+    which store is missing or unreadable."""
+    where = locate(path, storage_options, what)
+    # An object store has no directories: a store exists when its group's metadata object does.
+    found = (where / "zarr.json").exists() if isinstance(where, ObjectPath) else where.exists()
+    if not found:
         raise DataError(f"{what} {path} does not exist (write one with `dasktrain ingest`)")
     try:
-        return zarr.open_group(path, mode="r")
+        group: zarr.Group = open_zarr_group(path, "r", storage_options)
+        return group
     except Exception as exc:  # zarr raises several types for a non-group path
         raise DataError(f"{path} is not a readable Zarr group: {exc}") from None
 
@@ -84,7 +93,7 @@ VOLATILE_ATTRS = ("normalization",)
 flow's prepare stage rewrites the normalisation statistics on every run, resumes included."""
 
 
-def store_layout(path: str | Path) -> dict[str, Any]:
+def store_layout(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a run's trajectory depends on in a store besides its bytes, as JSON.
 
     ``arrays`` gives every array's shape, dtype and chunk shape; ``fingerprint`` is a hash of the
@@ -94,7 +103,7 @@ def store_layout(path: str | Path) -> dict[str, Any]:
     same for any store size; data rewritten in place with identical metadata goes unnoticed.
     Checkpoints record it so that ``--resume`` can refuse a store that changed under the run.
     """
-    group = open_group(str(path))
+    group = open_group(str(path), storage_options=storage_options)
     group_doc = group.metadata.to_dict()
     attrs = group_doc.get("attributes", {}).get(ATTRS_KEY)
     if isinstance(attrs, dict):
@@ -122,13 +131,14 @@ def replace_store(tmp: Path, final: Path) -> None:
         os.rename(tmp, final)
 
 
-def open_dataset(path: str | Path, inputs: str, targets: str | None, fields: tuple[str, ...] = ()) -> DatasetInfo:
+def open_dataset(path: str | Path, inputs: str, targets: str | None, fields: tuple[str, ...] = (),
+                 storage_options: Mapping[str, Any] | None = None) -> DatasetInfo:
     """Open a store and check that it can feed training; errors name the store and the array.
 
     ``fields``: arrays the model is called with instead of ``inputs``; ``targets`` None: the loss
     reads none. Every array named must exist, be numeric and have the same length and chunking."""
     path = str(path)
-    group = open_group(path)
+    group = open_group(path, storage_options=storage_options)
     x_names = tuple(dict.fromkeys(fields)) or (inputs,)
     names = x_names + ((targets,) if targets is not None and targets not in x_names else ())
     specs: dict[str, ArraySpec] = {}
@@ -165,7 +175,7 @@ def open_dataset(path: str | Path, inputs: str, targets: str | None, fields: tup
     if lengths[first] == 0:
         raise DataError(f"store {path} holds no samples")
     return DatasetInfo(path, specs[x_names[0]], specs[targets] if targets is not None else None, lengths[first],
-                       chunkings[first], tuple(specs[n] for n in x_names) if fields else ())
+                       chunkings[first], tuple(specs[n] for n in x_names) if fields else (), storage_options)
 
 
 class ChunkReader:
@@ -177,7 +187,7 @@ class ChunkReader:
 
     def __init__(self, info: DatasetInfo) -> None:
         self.info = info
-        group = zarr.open_group(info.path, mode="r")
+        group = open_zarr_group(info.path, "r", info.storage_options)  # a URL: read from here, not via the driver
         # open_dataset checked that every one is an array
         self._inputs = cast(zarr.Array, group[info.inputs.name])
         self._fields = {spec.name: cast(zarr.Array, group[spec.name]) for spec in info.fields}

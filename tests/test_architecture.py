@@ -35,7 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("dasktrain.cli",)),
     ("flows", ("dasktrain.flows*",)),
     ("run loop", ("dasktrain.run_loop", "dasktrain.records", "dasktrain.run_dir",
-                  "dasktrain.prepare", "dasktrain.inference", "dasktrain.report")),
+                  "dasktrain.prepare", "dasktrain.inference", "dasktrain.report", "dasktrain.tracking")),
     ("engines", ("dasktrain.engines*",)),
     ("worker side", ("dasktrain.replica", "dasktrain.stage_actor", "dasktrain.step_core", "dasktrain.collective",
                      "dasktrain.device", "dasktrain.reduce", "dasktrain.registry", "dasktrain.ledger")),
@@ -48,7 +48,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 SHARED = ("dasktrain", "dasktrain.config", "dasktrain.errors", "dasktrain.checkpoint", "dasktrain.metrics",
-          "dasktrain.run_lock", "dasktrain.cluster*")
+          "dasktrain.run_lock", "dasktrain.storage", "dasktrain.cluster*")
 """Importable from any layer; they import only each other. ``dasktrain`` itself is here because
 its ``__init__`` runs before every submodule (on the workers too): it stays empty or shared-only."""
 

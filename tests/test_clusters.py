@@ -108,7 +108,9 @@ def slurm_spec(tmp: Path, name: str, **extra: Any) -> dict[str, Any]:
 @pytest.mark.timeout(120)
 def test_slurm_trains_on_two_worker_jobs_and_leaves_nothing(slurm: str, digits: Path, tmp_path: Path) -> None:
     name = f"dasktrain-test-{uuid.uuid4().hex[:8]}"
-    config = one_epoch(digits, tmp_path / "run", slurm_spec(tmp_path, name))
+    # train.min_workers=2: the run starts once both jobs run (a run that starts on fewer: test_slurm_site.py).
+    config = run_config(digits, tmp_path / "run", train={"epochs": 1, "batch_size": 100, "shards": 4, "seed": 3,
+                                                         "min_workers": 2}, cluster=slurm_spec(tmp_path, name))
     seen: dict[str, Any] = {}
 
     def on_event(event: dict[str, Any]) -> None:
@@ -224,7 +226,9 @@ def test_inline_keys_override_the_spec_file_and_set_overrides_work(tmp_path: Pat
                                    "cluster": {"spec": "slurm", "jobqueue": {"queue": "gpu"}}}))
     cluster = load_config(run, ["cluster.workers=8", "cluster.jobqueue.cores=4"]).cluster
     assert (cluster.kind, cluster.workers, cluster.spec and Path(cluster.spec).name) == ("slurm", 8, "slurm.yaml")
-    assert cluster.jobqueue == {"cores": 4, "processes": 1, "memory": "2GB", "walltime": "01:00:00", "queue": "gpu"}
+    # The run's own jobqueue keys; the shipped spec's are defaults under the site's (test_jobqueue_site.py).
+    assert cluster.jobqueue == {"queue": "gpu", "cores": 4}
+    assert cluster.jobqueue_defaults == {"cores": 1, "processes": 1, "memory": "2GB", "walltime": "01:00:00"}
     with pytest.raises(ConfigError, match=r"cluster spec .*slurm\.yaml: 'cluster\.wait_timeout'"):
         ClusterConfig.model_validate({"spec": spec_file(tmp_path, "slurm.yaml", {"kind": "slurm", "wait_timeout": -1})})
 
@@ -232,7 +236,7 @@ def test_inline_keys_override_the_spec_file_and_set_overrides_work(tmp_path: Pat
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("jobqueue, match", [
     ({"cores": 1, "memory": "2GB", "queues": "gpu"}, r"cluster\.jobqueue\.queues is not an option of dask_jobqueue\.SLURMCluster"),
-    ({"memory": "2GB"}, r"dask_jobqueue\.SLURMCluster rejects cluster\.jobqueue .*cores"),
+    ({"memory": "2GB"}, r"dask_jobqueue\.SLURMCluster needs cores per job, and neither cluster\.jobqueue"),
     ({"cores": 1, "memory": "2GB", "n_workers": 3}, r"cluster\.jobqueue\.n_workers is set by dasktrain from cluster\.workers"),
 ])
 def test_jobqueue_option_the_class_rejects(tmp_path: Path, jobqueue: dict[str, Any], match: str) -> None:

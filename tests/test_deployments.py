@@ -51,6 +51,8 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> None:
 def test_served_deployment_runs_on_schedule(digits_store: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
         DeploymentFilter,
         DeploymentFilterId,
         FlowRunFilter,
@@ -73,7 +75,7 @@ def test_served_deployment_runs_on_schedule(digits_store: Path, tmp_path: Path) 
         with get_client(sync_client=True) as client:
             deadline = time.monotonic() + 180
             completed = []
-            while time.monotonic() < deadline and not completed:
+            while time.monotonic() < deadline and len(completed) < 2:
                 assert serve.poll() is None, (tmp_path / "serve.log").read_text()
                 time.sleep(2)
                 if deployment_id is None:
@@ -85,9 +87,16 @@ def test_served_deployment_runs_on_schedule(digits_store: Path, tmp_path: Path) 
                     deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
                     flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))),
                 )
-            assert completed, "no scheduled run completed within 180 s:\n" + (tmp_path / "serve.log").read_text()
+            assert len(completed) >= 2, "two scheduled runs did not complete within 180 s:\n" + (
+                tmp_path / "serve.log").read_text()
             run = completed[0]
             assert run.deployment_id == deployment_id and run.state.is_completed()
+            # Two scheduled runs, each in its own run directory, publish under the same keys, named
+            # after the deployment: one history per key in the UI.
+            keys = [sorted(a.key for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[r.id])))) for r in completed[:2]]
+            assert keys[0] == keys[1] == sorted(f"dasktrain-{name}-{kind}" for kind in ("summary", "epochs", "curves",
+                                                                                       "progress")), keys
             # Stop scheduling, let a run in progress end, then stop the server process.
             client.pause_deployment(deployment_id)
             active = [StateType.RUNNING, StateType.PENDING]

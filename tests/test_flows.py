@@ -3,10 +3,12 @@ LocalClusters: stages, artifacts, a retried train stage, and bad input."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,14 @@ import pytest
 import torch
 import zarr
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
@@ -67,6 +76,19 @@ def artifacts(flow_run_id: UUID) -> list[Any]:
         return client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
 
 
+def run_log_lines(flow_run_id: UUID, prefix: str, expected: int, timeout_s: float = 30) -> list[str]:
+    """The flow run's log messages starting with ``prefix``, once ``expected`` of them reached the
+    server (Prefect sends logs in batches, from a background thread) or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+            lines = [log.message for log in logs if log.message.startswith(prefix)]
+            if len(lines) >= expected or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.5)
+
+
 def test_flow_end_to_end(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "digits-run"
     config = run_config(store, out, data={"store": str(store), "validation": {"fraction": 0.2}, "normalize": True})
@@ -79,12 +101,26 @@ def test_flow_end_to_end(store: Path, tmp_path: Path) -> None:
     assert sorted(runs) == sorted(STAGES)
     assert all(runs[s].state.is_completed() for s in STAGES), {s: runs[s].state for s in STAGES}
 
-    found = {a.type: a for a in artifacts(flow_run_id)}
-    markdown = found["markdown"].data
+    # Live progress: a line per epoch in the run's logs, and a progress artifact that reached 100.
+    epoch_lines = run_log_lines(flow_run_id, "epoch ", 2)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val_losses = [r["val_loss"] for r in records if r["kind"] == "epoch"]
+    assert len(epoch_lines) == 2 and [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(f"val loss {v:.4g}," in line for line, v in zip(epoch_lines, val_losses, strict=True)), epoch_lines
+
+    # Keys from the output directory's name (no deployment): the same for every run into it.
+    found = {a.key: a for a in artifacts(flow_run_id)}
+    assert set(found) == {f"dasktrain-digits-run-{kind}" for kind in ("summary", "epochs", "curves", "progress")}
+    found = {a.key.rpartition("-")[2]: a for a in found.values()}
+    assert found["progress"].type == "progress" and float(found["progress"].data) == 100.0
+    curves = found["curves"].data
+    assert curves.startswith("![loss and accuracy curves](data:image/png;base64,") and curves.endswith(")")
+    assert base64.b64decode(curves.split(",", 1)[1][:-1]) == (out / "curves.png").read_bytes()
+    markdown = found["summary"].data
     assert config.digest() in markdown and str(store) in markdown and "1797 samples" in markdown
     assert "| workers | 2 |" in markdown and "| epochs | 2 of 2" in markdown
     assert str(out.resolve()) in markdown and "curves.png" in markdown and "validation accuracy" in markdown
-    table = found["table"].data
+    table = found["epochs"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert [row["epoch"] for row in table] == [0, 1] and all("val_accuracy" in row for row in table)
 

@@ -23,7 +23,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from distributed import Client, Future
@@ -32,6 +31,7 @@ from dasktrain.checkpoint import DATA_LAYOUT, write_file_atomic
 from dasktrain.config import RunConfig
 from dasktrain.plan import SamplingPlan
 from dasktrain.preflight import DataSplits
+from dasktrain.storage import AnyPath
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class RunContext:
     client: Client
     splits: DataSplits
     plan: SamplingPlan
-    run_dir: Path
+    run_dir: AnyPath
+    """The run directory: a local path, or a URL's :class:`~dasktrain.storage.ObjectPath`."""
     run_id: str
     cadence: Cadence
     data_layout: dict[str, Any]
@@ -227,7 +228,7 @@ def silent_workers(client: Client, workers: Sequence[str], silent_s: float) -> l
     return [w for w, last in seen.items() if freshest - last > silent_s]
 
 
-def write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+def write_manifest(directory: AnyPath, manifest: dict[str, Any]) -> None:
     """Write ``state.json`` into a checkpoint directory being filled (last: it marks it complete)."""
     write_file_atomic(directory / "state.json", json.dumps(manifest, indent=1).encode())
 

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -40,6 +39,7 @@ from dasktrain.replica import (
     replica_state,
     save_replica_checkpoint,
 )
+from dasktrain.storage import AnyPath
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class ReplicaEngine(Engine):
 
     # -- replicas ---------------------------------------------------------------------------
 
-    def _create_replicas(self, state: Future | None, applied: int, checkpoint: Path | None = None) -> None:
+    def _create_replicas(self, state: Future | None, applied: int, checkpoint: AnyPath | None = None) -> None:
         """Build a replica on every worker of the layout: from ``state`` (a surviving replica's,
         worker to worker), from ``checkpoint``, from the newest checkpoint when resuming, or fresh."""
         ctx = self.ctx
