@@ -9,7 +9,9 @@ torch is kept as it is. The project itself is used from this checkout (``PYTHONP
 
 Figures (JSON, also printed): the pytest summary of ``-m gpu``, and samples/s of
   - one replica's forward/backward/step on this GPU, fp32 and bf16 (``dasktrain.device.Placement``);
-  - dasktrain end to end on ``local-cuda`` (one worker per GPU, up to 4) over a synthetic store.
+  - dasktrain end to end on ``local-cuda`` (one worker per GPU, up to 4) over a synthetic store;
+  - a 2-stage pipeline on one GPU (two workers sharing it) per schedule: samples/s, measured
+    pipeline efficiency against its bound, each stage's peak GPU memory.
 Exit status: 0 when the tests pass, 1 when some fail, 2 when there is no GPU or a package is missing.
 """
 
@@ -64,7 +66,8 @@ def install_missing(wheels: str | None) -> list[str]:
 
 def run_tests(timeout: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
-           str(ROOT / "tests" / "test_gpu.py"), str(ROOT / "tests" / "test_clusters.py")]
+           str(ROOT / "tests" / "test_gpu.py"), str(ROOT / "tests" / "test_clusters.py"),
+           str(ROOT / "tests" / "test_pipeline_gpu.py")]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
@@ -147,6 +150,57 @@ def bench_local_cuda(workdir: Path) -> dict[str, Any]:
             "epochs": [{k: e.get(k) for k in ("epoch", "samples_per_s", "train_loss", "time_s")} for e in result.epochs]}
 
 
+def bench_pipeline_two_stages(workdir: Path, samples: int = 32_768, width: int = 2048, batch: int = 2048) -> dict[str, Any]:
+    """A 2-stage pipeline on one GPU (two worker processes sharing it), per schedule: samples/s,
+    the measured pipeline efficiency against its bound, and each stage's peak GPU memory."""
+    import numpy as np
+    from distributed import Client, LocalCluster
+
+    from dasktrain.config import validate_config
+    from dasktrain.ingest import write_store
+    from dasktrain.run_loop import train
+
+    rng = np.random.default_rng(0)
+    features = 512
+    targets = rng.integers(0, 10, samples)
+    inputs = rng.normal(size=(10, features))[targets] + rng.normal(scale=0.5, size=(samples, features))
+    store = write_store(workdir / "pipe.zarr", {"inputs": inputs.astype(np.float32), "targets": targets},
+                        chunk_size=batch)
+    out: dict[str, Any] = {}
+    with LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        for schedule in ("gpipe", "1f1b", "zb-h1"):
+            config = validate_config({
+                "data": {"store": str(store)},
+                "model": {"factory": "dasktrain.models:mlp",
+                          "kwargs": {"in_features": features, "out_features": 10, "hidden": [width] * 4}},
+                "optimizer": {"name": "adamw", "lr": 1e-3},
+                "train": {"epochs": 1, "batch_size": batch, "shards": 4, "seed": 0},
+                "parallel": {"pipeline": 2, "micro_batches": 8, "schedule": schedule},
+                "cluster": {"workers": 2, "dashboard": False},
+                "output_dir": str(workdir / f"pipe-{schedule}"),
+            })
+            events: list[dict[str, Any]] = []
+            started = time.perf_counter()
+            train(config, client=client, on_event=events.append)
+            wall = time.perf_counter() - started
+            steps = [e for e in events if e["kind"] == "step"][2:]
+            out[schedule] = {
+                "wall_s": round(wall, 1),
+                "samples_per_s": round(len(steps) * batch / sum(e["step_time_s"] for e in steps)) if steps else None,
+                "efficiency": round(sum(e["pipeline_efficiency"] for e in steps) / max(len(steps), 1), 3),
+                "bound": round(sum(e["efficiency_bound"] for e in steps) / max(len(steps), 1), 3),
+            }
+        out["gpu_peak_mib"] = {w: round(b / 2**20) for w, b in client.run(_cuda_peak).items()}
+    return out
+
+
+def _cuda_peak() -> int:
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(0))
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
@@ -174,6 +228,10 @@ def main() -> int:
             report["local_cuda"] = bench_local_cuda(Path(tmp))
         except Exception as exc:  # report it beside the other figures rather than lose them
             report["local_cuda"] = {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            report["pipeline_two_stages"] = bench_pipeline_two_stages(Path(tmp))
+        except Exception as exc:
+            report["pipeline_two_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(json.dumps({k: v for k, v in report.items() if k != "tests"}, indent=1))
     print(f"gpu_check: results in {args.out}")

@@ -492,8 +492,13 @@ class ParallelConfig(_Frozen):
     """Pipeline stages P (1: pure data parallelism)."""
     micro_batches: int = Field(default=1, ge=1)
     """Micro-batches m each global batch is split into for the pipeline schedule."""
-    schedule: Literal["gpipe", "1f1b"] = "1f1b"
-    """GPipe (all forwards, then all backwards) or 1F1B (at most P activations alive per stage)."""
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1"] = "1f1b"
+    """GPipe (all forwards, then all backwards), 1F1B (at most P activations alive per stage),
+    interleaved 1F1B (``virtual_stages`` chunks per worker; bubble / v) or ZB-H1 (zero bubble:
+    backward split into input- and weight-gradient passes, the latter filling the bubble)."""
+    virtual_stages: int = Field(default=1, ge=1)
+    """Chunks of layers per pipeline worker (v) for ``schedule: interleaved-1f1b``: the model is
+    cut into ``pipeline * virtual_stages`` stages, worker r holding stages r, r + P, ..."""
     data: int = Field(default=1, ge=1)
     """Pipeline replicas R (DP x PP): R x P workers; each stage's gradients are tree-reduced across replicas."""
     balance: Literal["params", "time"] = "params"
@@ -683,6 +688,15 @@ def cross_section_problems(config: RunConfig) -> list[str]:
                 f"{cluster.workers_text} is more than train.shards={train.shards} (each worker streams at "
                 "least one shard); raise train.shards or use fewer workers")
         return problems
+    if par.schedule == "interleaved-1f1b" and par.virtual_stages < 2:
+        problems.append("parallel.schedule: interleaved-1f1b needs parallel.virtual_stages >= 2 (chunks per worker)")
+    if par.schedule != "interleaved-1f1b" and par.virtual_stages > 1:
+        problems.append(f"parallel.virtual_stages={par.virtual_stages} needs parallel.schedule: interleaved-1f1b, "
+                        f"not {par.schedule}")
+    if par.schedule == "interleaved-1f1b" and par.micro_batches % par.pipeline:
+        problems.append(f"parallel.schedule: interleaved-1f1b sends micro-batches round the workers in groups of "
+                        f"parallel.pipeline={par.pipeline}: parallel.micro_batches={par.micro_batches} must be a "
+                        "multiple of it")
     if train.precision != "fp32":
         problems.append(
             f"train.precision={train.precision} is not supported with parallel.pipeline={par.pipeline} yet; "

@@ -8,23 +8,32 @@ of a list a factory returns (then each list item is one stage, as the user named
 Balance: by parameter count (the default, computed anywhere, identical every run), or by
 measured forward+backward time of each layer on a micro-batch of the store's sample shape.
 The split minimises the largest stage (a linear partition), ties going to the split whose
-stages hold the most even number of layers.
+stages hold the most even number of layers. With ``parallel.virtual_stages = v`` the model is cut
+into ``P * v`` stages (worker ``r`` holds stages ``r, r + P, ...``).
+
+No process builds the whole model: the driver plans on the ``meta`` device, and a stage worker
+builds its own layers with :func:`build_stage` (see :mod:`dasktrain.materialize`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 from torch import nn
 
+from dasktrain import materialize
 from dasktrain.config import RunConfig
 from dasktrain.errors import ConfigError
 from dasktrain.models import resolve_factory
 from dasktrain.objective import inputs_torch_dtype
+
+log = logging.getLogger(__name__)
 
 Bounds = tuple[tuple[int, int], ...]
 
@@ -49,20 +58,47 @@ def build_layers(config: RunConfig, device: str | None = None) -> tuple[list[nn.
 
     Returns ``(layers, named)``: ``named`` is true when the factory returned a list of stage
     modules. Same seeding as :func:`dasktrain.models.build_model`, so an ``nn.Sequential`` here
-    has exactly the weights the data-parallel path and the reference loop start from.
+    has exactly the weights the data-parallel path and the reference loop start from. This
+    builds the *whole* model: on ``device="meta"`` it costs nothing (shapes and counts only);
+    a stage worker uses :func:`build_stage`, which allocates its own layers only.
     """
-    model_cfg = config.model
-    factory = resolve_factory(model_cfg.factory)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.train.seed)
-        try:
-            if device is None:
-                model = factory(**model_cfg.kwargs)
-            else:
-                with torch.device(device):
-                    model = factory(**model_cfg.kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"model.kwargs do not fit {model_cfg.factory}: {exc}") from None
+        if device is None:
+            model = _call_factory(config)
+        else:
+            with torch.device(device):
+                model = _call_factory(config)
+    return _as_layers(config, model)
+
+
+def build_stage(config: RunConfig, lo: int, hi: int) -> nn.Sequential:
+    """Layers ``[lo, hi)`` of the model on the CPU, holding bitwise the initial values the whole
+    model built from the seed holds, while allocating only these layers (see
+    :mod:`dasktrain.materialize`). A factory whose construction cannot be replayed is built whole
+    instead (same values), with a warning naming why."""
+    try:
+        recording = materialize.record(lambda: _call_factory(config))
+        layers, _ = _as_layers(config, recording.model)
+        materialize.replay(recording, layers[lo:hi], config.train.seed)
+    except materialize.NotReplayable as exc:
+        log.warning("model.factory %s: building the whole model to keep layers %d..%d, as its "
+                    "construction cannot be replayed in place (%s)", config.model.factory, lo, hi - 1, exc)
+        layers, _ = build_layers(config)
+    return stage_module(layers, lo, hi)
+
+
+def _call_factory(config: RunConfig) -> Any:
+    model_cfg = config.model
+    factory = resolve_factory(model_cfg.factory)
+    try:
+        return factory(**model_cfg.kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"model.kwargs do not fit {model_cfg.factory}: {exc}") from None
+
+
+def _as_layers(config: RunConfig, model: Any) -> tuple[list[nn.Module], bool]:
+    model_cfg = config.model
     if isinstance(model, nn.Sequential):
         return list(model.children()), False
     if isinstance(model, (list, tuple, nn.ModuleList)) and all(isinstance(m, nn.Module) for m in model):
@@ -82,7 +118,7 @@ def as_sequential(layers: Sequence[nn.Module]) -> nn.Sequential:
 def plan_stages(config: RunConfig, sample_shape: tuple[int, ...]) -> StageLayout:
     """Cut ``config``'s model into ``parallel.pipeline`` stages; errors name the value and the need."""
     par = config.parallel
-    stages = par.pipeline
+    stages = par.pipeline * par.virtual_stages  # ranks x chunks per rank
     # Parameter counts and the layer count need no weights: build on the meta device.
     layers, named = build_layers(config, device="meta")
     n = len(layers)

@@ -130,7 +130,8 @@ class StepCore:
         """
         if void:
             return False
-        if bool(torch.isfinite(mean).all()):
+        # In pieces: a whole-buffer isfinite takes temporaries as large as the buffer.
+        if all(bool(torch.isfinite(piece).all()) for piece in mean.split(1 << 22)):
             return True
         if whole_model and self.config.train.on_nan == "skip_step":
             return False

@@ -44,7 +44,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                         "dasktrain.normalize", "dasktrain.ingest", "dasktrain.models", "dasktrain.stages",
                         "dasktrain.objective", "dasktrain.streams", "dasktrain.running_stats",
                         "dasktrain.allocator", "dasktrain.rows", "dasktrain.keras_support",
-                        "dasktrain.hf_support")),
+                        "dasktrain.hf_support", "dasktrain.materialize", "dasktrain.schedules")),
 )
 
 SHARED = ("dasktrain", "dasktrain.config", "dasktrain.errors", "dasktrain.checkpoint", "dasktrain.metrics",

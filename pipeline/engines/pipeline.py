@@ -24,11 +24,9 @@ import dataclasses
 import functools
 import logging
 import operator
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from dasktrain.checkpoint import (
@@ -50,8 +48,10 @@ from dasktrain.engines.base import (
 )
 from dasktrain.errors import CheckpointError, ClusterError, DasktrainError
 from dasktrain.reduce import StepStats
+from dasktrain.schedules import Costs, efficiency_bound
 from dasktrain.stage_actor import PipelineStage, StageAborted, StageSpec
 from dasktrain.stages import StageLayout
+from dasktrain.storage import AnyPath, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class _Step:
     step: int
     calls: list[Any]
     """One ``run_step`` call per stage, index ``r * P + s``."""
-    save_to: Path | None
+    save_to: AnyPath | None
     validate: bool
 
 
@@ -84,7 +84,9 @@ class PipelineEngine(Engine):
         if ctx.cadence.start:  # a resumed run keeps the cuts it was checkpointed with
             layout = _layout_of(latest_checkpoint(ctx.run_dir), layout)
         self.layout = layout
-        self.P = layout.stages
+        self.P = config.parallel.pipeline
+        """Ranks (stage actors) per replica; ``layout`` cuts the model into ``P * virtual`` stages."""
+        self.virtual = layout.stages // self.P
         self.R = config.parallel.data
         workers = sorted(self.client.scheduler_info(n_workers=-1)["workers"])
         need = self.R * self.P
@@ -135,7 +137,7 @@ class PipelineEngine(Engine):
             stats = self._results(handle)
         except BaseException:
             if handle.save_to is not None:
-                shutil.rmtree(handle.save_to, ignore_errors=True)
+                remove_tree(handle.save_to)
             raise
         t = handle.step
         if handle.save_to is not None:
@@ -149,16 +151,29 @@ class PipelineEngine(Engine):
         busy = [s["busy_s"] for s in stats]
         span = max(s["end"] for s in stats) - min(s["start"] for s in stats)
         m = max(s["micro_batches"] for s in stats)
+        bound = self._bound(stats, m)
         result = StepResult(t, totals, extra={
             # Per stage (replica 0 first): busy seconds and most activations held at once.
             "stage_busy_s": busy, "stage_max_alive": [s["max_alive"] for s in stats],
-            # Busy time over (stages x the span from the first to the last F/B of the step):
-            # the measured counterpart of the schedule's bound m / (m + P - 1).
+            # Busy time over (stages x the span from the first to the last action of the step):
+            # the measured counterpart of the schedule's bound (1F1B: m / (m + P - 1)).
             "pipeline_efficiency": sum(busy) / (len(stats) * span) if span > 0 else 0.0,
-            "efficiency_bound": m / (m + self.P - 1), "recoveries": self.recoveries})
+            "efficiency_bound": bound, "recoveries": self.recoveries})
         if not handle.validate:
             return Outcome([result])
         return Outcome([result], validated=t + 1, validation=totals)
+
+    def _bound(self, stats: list[dict[str, Any]], m: int) -> float:
+        """The schedule's efficiency bound with this step's measured costs of F, B and W on each
+        stage (replica 0's; a worker's chunks alike): what the step would reach with free,
+        instant transfers. The first stage's B is nearly free (no input gradient to take)."""
+        par = self.config.parallel
+        units = m * self.virtual
+        per_rank = [Costs(*(s["op_s"][k] / units for k in "FBW")) for s in stats[: self.P]]
+        if not all(c.f + c.b + c.w > 0 for c in per_rank):
+            return efficiency_bound(par.schedule, self.P, m, self.virtual)
+        per_stage = [per_rank[vs % self.P] for vs in range(self.P * self.virtual)]
+        return efficiency_bound(par.schedule, self.P, m, self.virtual, per_stage)
 
     def _results(self, handle: _Step) -> list[dict[str, Any]]:
         """Every stage's stats of the step; raises :class:`WorkersChanged` when a stage's worker
@@ -236,11 +251,11 @@ class PipelineEngine(Engine):
     def cancel(self, pending: Sequence[_Step]) -> None:
         for handle in pending:
             if handle.save_to is not None:
-                shutil.rmtree(handle.save_to, ignore_errors=True)
+                remove_tree(handle.save_to)
 
     # -- stages -----------------------------------------------------------------------------
 
-    def _create_stages(self, resume_from: Path | None) -> None:
+    def _create_stages(self, resume_from: AnyPath | None) -> None:
         ctx = self.ctx
         self.generation += 1
         start = checkpoint_step(resume_from) if resume_from is not None else 0
@@ -260,8 +275,10 @@ class PipelineEngine(Engine):
         wiring = []
         for i, actor in enumerate(self.actors):
             r, s = divmod(i, P)
-            prev = self.actors[i - 1] if s > 0 else None
-            nxt = self.actors[i + 1] if s < P - 1 else None
+            # With virtual stages activations go round the ranks: the last rank feeds the first.
+            ring = self.virtual > 1
+            prev = self.actors[r * P + (s - 1) % P] if s > 0 or ring else None
+            nxt = self.actors[r * P + (s + 1) % P] if s < P - 1 or ring else None
             peers = [self.actors[q * P + s] for q in range(self.R)]
             wiring.append(actor.connect(prev, nxt, peers))
         for w in wiring:
@@ -334,7 +351,7 @@ class PipelineEngine(Engine):
         self.futures = []
 
 
-def _layout_of(ckpt: Path | None, layout: StageLayout) -> StageLayout:
+def _layout_of(ckpt: AnyPath | None, layout: StageLayout) -> StageLayout:
     """The cuts a checkpoint was written with (time balancing may measure others now)."""
     if ckpt is None:
         return layout
