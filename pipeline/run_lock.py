@@ -198,32 +198,36 @@ def acquire(run_dir: Path, purpose: str = "train") -> RunLock:
     except OSError as exc:
         raise CheckpointError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
     path = run_dir.resolve() / LOCK_FILE
-    key = str(path)
-    with _HELD_MUTEX:
-        held = _HELD.get(key)
-        if held is not None:
-            raise _locked(run_dir, held)
-        me = Holder.this_process(purpose)
-        _HELD[key] = me  # reserved: another thread of this process is refused from here on
+    me = _reserve(run_dir, str(path), purpose)
     try:
         return _acquire(run_dir, path, me)
     except BaseException:
-        with _HELD_MUTEX:
-            _HELD.pop(key, None)
+        _unreserve(str(path))
         raise
 
 
-def acquire_object(run_dir: ObjectPath, purpose: str = "train") -> ObjectRunLock:
-    """Take the lock object of a run directory on object storage now, or raise
-    :class:`RunDirLockedError`; see the module's docstring for what it guarantees."""
-    path = run_dir / LOCK_FILE
-    key = str(path)
+def _reserve(run_dir: AnyPath, key: str, purpose: str) -> Holder:
+    """This process's claim on the lock ``key``, before it is taken: another thread of this
+    process is refused from here on (a lock file or object cannot tell two threads apart)."""
     with _HELD_MUTEX:
         held = _HELD.get(key)
         if held is not None:
             raise _locked(run_dir, held)
         me = Holder.this_process(purpose)
         _HELD[key] = me
+        return me
+
+
+def _unreserve(key: str) -> None:
+    with _HELD_MUTEX:
+        _HELD.pop(key, None)
+
+
+def acquire_object(run_dir: ObjectPath, purpose: str = "train") -> ObjectRunLock:
+    """Take the lock object of a run directory on object storage now, or raise
+    :class:`RunDirLockedError`; see the module's docstring for what it guarantees."""
+    path = run_dir / LOCK_FILE
+    me = _reserve(run_dir, str(path), purpose)
     try:
         for _ in range(ATTEMPTS):
             if path.create_exclusive(me.to_bytes()):
@@ -240,8 +244,7 @@ def acquire_object(run_dir: ObjectPath, purpose: str = "train") -> ObjectRunLock
             path.unlink(missing_ok=True)
         raise RunDirLockedError(f"{run_dir} is in use: its lock object {path} kept changing over {ATTEMPTS} tries")
     except BaseException:
-        with _HELD_MUTEX:
-            _HELD.pop(key, None)
+        _unreserve(str(path))
         raise
 
 
