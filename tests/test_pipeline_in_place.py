@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import resource
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -148,7 +149,36 @@ def fresh_client():
 
 
 def peak_rss_bytes() -> int:
+    """The process's peak RSS since :func:`reset_peak_rss` (Linux's VmHWM, in kB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+class _Kept(logging.Handler):
+    """Keeps the warnings of ``dasktrain.stages`` on a worker (a stage built whole says so there)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def keep_stage_warnings() -> None:
+    logging.getLogger("dasktrain.stages").addHandler(_Kept())
+
+
+def stage_warnings() -> list[str]:
+    return [line for h in logging.getLogger("dasktrain.stages").handlers if isinstance(h, _Kept) for line in h.lines]
+
+
+def reset_peak_rss() -> None:
+    """Start the peak over from the current RSS (Linux: ``5`` into ``clear_refs`` resets VmHWM),
+    so the peak is this run's, not the worker's start-up's."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def rss_bytes() -> int:
@@ -182,12 +212,16 @@ def test_a_model_larger_than_a_worker_trains_in_stages_each_below_the_model_size
     whole = 3 * 4 * sum(linear)  # fp32 parameters and AdamW's two moments
     limit = fresh_client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
     assert all(whole > bytes_ for bytes_ in limit.values())
+    fresh_client.run(keep_stage_warnings)
+    fresh_client.run(reset_peak_rss)
     idle = fresh_client.run(rss_bytes)
     events = []
     result = train(config, client=fresh_client, on_event=events.append)
     assert result.completed and result.steps == 2
     assert all(np.isfinite(e["loss"]) for e in events if e["kind"] == "step")
     peaks = fresh_client.run(peak_rss_bytes)
+    warned = fresh_client.run(stage_warnings)
+    assert not any(warned.values()), warned  # every stage built in place, none whole
     (start,) = [e for e in events if e["kind"] == "start"]
     for stage, worker in enumerate(start["workers"]):
         peak, grown = peaks[worker], peaks[worker] - idle[worker]
