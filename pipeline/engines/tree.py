@@ -3,8 +3,8 @@
 Each step, every worker's step task applies the previous step's reduced gradient (it sums the
 root's children itself, so no root task sits on the critical path), computes its shards'
 gradient and returns one flat buffer; the tree tasks (:mod:`dasktrain.reduce`) sum the buffers,
-and a small stats task sums the step's numbers where its sources are anyway, so no gradient
-moves for the driver's sake. The run loop keeps ``train.ahead`` steps in flight behind the one it waits on.
+and a small stats task picks the numbers out where each source lives, so no gradient moves for
+the driver's sake. The run loop keeps ``train.ahead`` steps in flight behind the one it waits on.
 
 Every LINEAGE_STEPS steps the chain of step tasks is cut: Dask keeps the whole chain of finished
 tasks to be able to recompute it, so the pending update is applied on its own (an apply-only
@@ -101,18 +101,11 @@ class TreeEngine(ReplicaEngine):
         workers = list(self.workers)
         recipe, sources = submit_tree(self.client, self.layout.tree, tasks, [list(c) for c in self.layout.covers],
                                       key=tag, workers=workers)
-        # No gradient moves for the driver's sake. When the root sums the workers' own partials
-        # (up to train.fan_in workers, or one), every worker fetches all of them for the next
-        # step anyway: the stats are summed on the first worker, from the partials themselves,
-        # N tasks fewer per step. Otherwise they are picked out where each source lives.
-        if {s.key for s in sources} <= {f.key for f in tasks}:
-            parts, where = sources, [self.workers[0]]
-        else:
-            parts = [self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}", workers=workers)
-                     for i, s in enumerate(sources)]
-            where = workers
-        stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats", workers=where,
-                                   allow_other_workers=False)
+        # Stats are picked out where each source lives, so no gradient moves for the driver's
+        # sake; with one worker, where everything lives, one task fewer per step.
+        parts = sources if len(self.workers) == 1 else [
+            self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}", workers=workers) for i, s in enumerate(sources)]
+        stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats", workers=workers)
         extra = [] if parts is sources else parts
         return _InFlight(t, (recipe, sources), stats, [*tasks, *extra], compute=compute, validate=validate)
 
