@@ -38,7 +38,7 @@ from dasktrain.config import RunConfig
 from dasktrain.device import Placement
 from dasktrain.errors import DasktrainError, NonFiniteLossError
 from dasktrain.feed import Batch, ShardFeed, join_batches, open_reader
-from dasktrain.ledger import append_entry
+from dasktrain.ledger import append_entries
 from dasktrain.models import build_model
 from dasktrain.objective import build_optimizer, call_model, prepare_batch
 from dasktrain.plan import plan_for
@@ -111,6 +111,8 @@ class Replica:
     def __init__(self, spec: ReplicaSpec, threads: int, state: dict[str, Any] | None = None) -> None:
         self.spec = spec
         cfg = spec.config
+        self.run_dir = locate(spec.run_dir, cfg.storage_options, "output_dir")
+        """The run directory (a path, or a place on object storage): checkpoints and the ledger."""
         torch.set_num_threads(threads)
         keep_freed_memory()  # see pipeline/allocator.py: the step's big tensors are reused
         # The worker's own GPU when it has one (dask-cuda gives each worker one), else the CPU.
@@ -293,11 +295,9 @@ class Replica:
     def _record_ledger(self, t: int) -> None:
         epoch, k = self.plan.locate(t)
         plan = self.plan.epoch(epoch)
-        for shard in self.spec.shards:
-            append_entry(locate(self.spec.run_dir, self.spec.config.storage_options, "output_dir"), f"{self.spec.run_id}", {
-                "generation": self.spec.generation, "step": t, "epoch": epoch, "shard": shard,
-                "samples": plan.samples_of(k, shard).tolist(),
-            })
+        append_entries(self.run_dir, self.spec.run_id, [
+            {"generation": self.spec.generation, "step": t, "epoch": epoch, "shard": shard,
+             "samples": plan.samples_of(k, shard).tolist()} for shard in self.spec.shards])
 
     def export_state(self) -> dict[str, Any]:
         """A copy of weights, optimizer state and update count, for a new or lagging replica."""
@@ -337,7 +337,7 @@ class Replica:
 
     def write_checkpoint(self, t: int, meta: dict[str, Any]) -> None:
         cfg = self.spec.config
-        save_checkpoint(locate(self.spec.run_dir, cfg.storage_options, "output_dir"), t, self.model.state_dict(), self.optimizer.state_dict(),
+        save_checkpoint(self.run_dir, t, self.model.state_dict(), self.optimizer.state_dict(),
                         meta, keep=cfg.checkpoint.keep)
 
     def close(self) -> None:
