@@ -196,21 +196,9 @@ class RootRecipe:
 
 
 def stats_of(partial: Partial) -> StepStats | None:
-    """Dask task, run where ``partial`` lives: its stats alone, so the gradients stay put."""
+    """Dask task, run where ``partial`` lives: its stats alone, so the gradients stay put (the
+    tree engine's way to a step's numbers when the workers' events did not reach the driver)."""
     return partial.stats
-
-
-def summarize(picks: Sequence[Pick], *stats: StepStats | Partial | None) -> dict[str, Any]:
-    """Dask task: the root's stats from its children's (picked as :func:`combine` picks them),
-    the one thing the driver receives per step. A child may come whole (a :class:`Partial`)
-    where that moves no gradient: a one-worker run."""
-    total = StepStats()
-    for i, _, take in picks:
-        source = stats[i]
-        found = source.stats if isinstance(source, Partial) else source
-        if take and found is not None:
-            total = total + found
-    return total.as_dict()
 
 
 def submit_tree(client: Any, tree: ReductionTree, worker_futures: Sequence[Any],

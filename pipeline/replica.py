@@ -47,6 +47,7 @@ from dasktrain.registry import Resident, release
 from dasktrain.rows import Rows
 from dasktrain.running_stats import RunningStats
 from dasktrain.step_core import StepCore
+from dasktrain.step_events import publish
 from dasktrain.storage import locate
 from dasktrain.store import Chunk, DatasetInfo
 from dasktrain.streams import needs_per_shard_forward
@@ -399,7 +400,11 @@ def get_replica(run_id: str) -> Replica:
 def run_step(run_id: str, t: int, root: RootRecipe | None, sources: list[Partial], actions: StepActions) -> Partial:
     """One step of the replica of ``run_id`` on this worker (see the module docstring); ``root``
     says how to sum the previous step's gradient from ``sources`` (none: nothing to apply)."""
-    return get_replica(run_id).step(t, root, sources, actions)
+    replica = get_replica(run_id)
+    partial = replica.step(t, root, sources, actions)
+    assert partial.stats is not None
+    publish(run_id, replica.spec.generation, t, actions.compute, partial.stats)  # the driver's numbers
+    return partial
 
 
 def replica_state(run_id: str) -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
                   "dasktrain.prepare", "dasktrain.inference", "dasktrain.report", "dasktrain.tracking")),
     ("engines", ("dasktrain.engines*",)),
     ("worker side", ("dasktrain.replica", "dasktrain.stage_actor", "dasktrain.step_core", "dasktrain.collective",
-                     "dasktrain.device", "dasktrain.reduce", "dasktrain.registry", "dasktrain.ledger")),
+                     "dasktrain.device", "dasktrain.reduce", "dasktrain.registry", "dasktrain.ledger",
+                     "dasktrain.step_events")),
     # preflight: the driver's checks of stores and model before a run (metadata and the meta device).
     ("data and model", ("dasktrain.preflight", "dasktrain.store", "dasktrain.plan", "dasktrain.feed", "dasktrain.cache",
                         "dasktrain.normalize", "dasktrain.ingest", "dasktrain.models", "dasktrain.stages",

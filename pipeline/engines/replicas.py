@@ -18,7 +18,7 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,24 @@ class ReplicaEngine(Engine):
 
     def watch(self, result: Future, step: int, steps: int, unfinished: Sequence[Future] | None) -> Any:
         """The value of ``result`` (the work from ``step``: one step or a segment of ``steps``),
-        watching the workers while waiting.
+        watching the workers while waiting (see :meth:`_watch`)."""
+        return self._watch([result], step, steps, unfinished, lambda: result.result(timeout=5.0))
+
+    def watch_all(self, futures: Sequence[Future], step: int) -> None:
+        """Return once every one of ``futures`` (the tasks of ``step``, one per worker in worker
+        order) has finished, their values left where they are; raise the error of one that
+        failed. Watches the workers meanwhile, as :meth:`_watch` says."""
+
+        def raise_failed() -> None:
+            for future in futures:
+                if future.done() and future.status != "finished":
+                    future.result(timeout=5.0)  # raises its error; only the error travels
+
+        self._watch(futures, step, 1, futures, raise_failed)
+
+    def _watch(self, futures: Sequence[Future], step: int, steps: int, unfinished: Sequence[Future] | None,
+               take: Callable[[], Any]) -> Any:
+        """``take()`` once every one of ``futures`` is done (or one failed), watching the workers.
 
         With ``train.step_timeout`` set, a wait that outlasts it drops the workers the scheduler
         no longer hears from (frozen, whatever task the step is stuck in), and a wait past
@@ -154,19 +171,30 @@ class ReplicaEngine(Engine):
         timeout = self.config.train.step_timeout
         began = time.monotonic()
         deadline = began + timeout * steps if timeout else None
-        # Waited for with a callback, and taken only once done: ``result(timeout=...)`` on a
+        # Waited for with callbacks, and taken only once done: ``result(timeout=...)`` on a
         # future still running can race inside Dask's sync() (an UnboundLocalError from
         # distributed.utils.sync). A result whose worker died goes back to pending: then the
         # callback is set again and the worker set is looked at, as for a step still running.
         finished = threading.Event()
-        result.add_done_callback(lambda _: finished.set())
+
+        def arm() -> None:
+            finished.clear()
+            for future in futures:
+                if not future.done():
+                    future.add_done_callback(lambda _: finished.set())
+            if all(f.done() for f in futures):
+                finished.set()
+
+        arm()
+        looked = time.monotonic()
         while True:
             try:
                 if finished.wait(self.MEMBERSHIP_POLL_S):
-                    if result.done():
-                        return result.result(timeout=5.0)  # done: its value is a small dict away
-                    finished.clear()
-                    result.add_done_callback(lambda _: finished.set())
+                    if all(f.done() for f in futures) or any(f.status == "error" for f in futures):
+                        return take()
+                    arm()
+                    if time.monotonic() - looked < self.MEMBERSHIP_POLL_S:
+                        continue  # one more task of the step done: the worker set is looked at on the poll
             except TimeoutError:
                 pass  # lost again between the look and the fetch: the checks below say why
             except Exception as exc:
@@ -181,6 +209,7 @@ class ReplicaEngine(Engine):
                     raise WorkersChanged(f"step {step} failed ({exc}) as workers {silent} froze",
                                          exclude=tuple(silent)) from None
                 raise WorkersChanged(f"step {step} failed as workers left: {exc}") from None
+            looked = time.monotonic()
             alive = set(self._alive())
             lost = [w for w in self.workers if w not in alive]
             if lost:

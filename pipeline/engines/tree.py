@@ -2,9 +2,10 @@
 
 Each step, every worker's step task applies the previous step's reduced gradient (it sums the
 root's children itself, so no root task sits on the critical path), computes its shards'
-gradient and returns one flat buffer; the tree tasks (:mod:`dasktrain.reduce`) sum the buffers,
-and a small stats task picks the numbers out where each source lives, so no gradient moves for
-the driver's sake. The run loop keeps ``train.ahead`` steps in flight behind the one it waits on.
+gradient and returns one flat buffer; the tree tasks (:mod:`dasktrain.reduce`) sum the buffers.
+The step's small numbers reach the driver as each worker's event (:mod:`dasktrain.step_events`),
+not through tasks: no gradient moves, and a step is only its step tasks (and, above four workers,
+the tree's). The run loop keeps ``train.ahead`` steps in flight behind the one it waits on.
 
 Every LINEAGE_STEPS steps the chain of step tasks is cut: Dask keeps the whole chain of finished
 tasks to be able to recompute it, so the pending update is applied on its own (an apply-only
@@ -13,16 +14,19 @@ step), waited for, and the next step starts with no dependency. It costs one pip
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from distributed import Future
 
 from dasktrain.engines.base import Outcome, RunContext, StepResult
 from dasktrain.engines.replicas import ReplicaEngine
-from dasktrain.reduce import RootRecipe, stats_of, submit_tree, summarize
+from dasktrain.reduce import RootRecipe, StepStats, stats_of, submit_tree
 from dasktrain.replica import StepActions, run_step
+from dasktrain.step_events import GRACE_S, StepInbox
+
+log = logging.getLogger(__name__)
 
 Root = tuple[RootRecipe, list[Future]]
 """A step's reduced gradient as the next step's tasks take it: the recipe and its sources."""
@@ -32,9 +36,8 @@ Root = tuple[RootRecipe, list[Future]]
 class _InFlight:
     step: int
     root: Root
-    stats: Future
     tasks: list[Future]
-    """The step task of each worker first (in worker order), then the stats-picking tasks."""
+    """The step task of each worker, in worker order."""
     compute: bool
     validate: bool
     cut: bool = False
@@ -45,12 +48,16 @@ class TreeEngine(ReplicaEngine):
     """Data parallelism with gradients summed by Dask tasks."""
 
     LINEAGE_STEPS = 64
+    EVENTS_GRACE_S = GRACE_S
+    """Seconds a step's events may lag its tasks before the numbers are asked of the tasks."""
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
+        self.inbox = StepInbox(self.client, ctx.run_id)
         self.reset()
 
     def reset(self) -> None:
+        self.inbox.forget()
         self.previous: Root | None = None
         self.first: int | None = None
         """The first step submitted since the replicas were (re)built."""
@@ -95,28 +102,39 @@ class TreeEngine(ReplicaEngine):
             tasks.append(self.client.submit(
                 run_step, ctx.run_id, t, recipe, sources, actions, workers=[addr], allow_other_workers=False,
                 key=f"{gen}-step-{t}{suffix}-w{w}"))
-        tag = f"{gen}-{t}{suffix}"
-        # Reduction and stats tasks run on the run's workers only: never on one it dropped (a
-        # frozen worker the scheduler still lists would hold them forever).
-        workers = list(self.workers)
+        # Reduction tasks run on the run's workers only: never on one it dropped (a frozen
+        # worker the scheduler still lists would hold them forever).
         recipe, sources = submit_tree(self.client, self.layout.tree, tasks, [list(c) for c in self.layout.covers],
-                                      key=tag, workers=workers)
-        # Stats are picked out where each source lives, so no gradient moves for the driver's
-        # sake; with one worker, where everything lives, one task fewer per step.
-        parts = sources if len(self.workers) == 1 else [
-            self.client.submit(stats_of, s, key=f"{tag}-stats-of-{i}", workers=workers) for i, s in enumerate(sources)]
-        stats = self.client.submit(summarize, recipe.picks, *parts, key=f"{tag}-stats", workers=workers)
-        extra = [] if parts is sources else parts
-        return _InFlight(t, (recipe, sources), stats, [*tasks, *extra], compute=compute, validate=validate)
+                                      key=f"{gen}-{t}{suffix}", workers=list(self.workers))
+        return _InFlight(t, (recipe, sources), tasks, compute=compute, validate=validate)
 
     def wait(self, handle: _InFlight) -> Outcome:
-        stats: dict[str, Any] = self.watch(handle.stats, handle.step, 1, handle.tasks)
+        self.watch_all(handle.tasks, handle.step)
+        stats = self._stats(handle).as_dict()
         steps = [StepResult(handle.step, stats, extra=self.step_extra())] if handle.compute else []
         if not handle.validate:
             return Outcome(steps)
         return Outcome(steps, validated=handle.step, validation=stats)
 
+    def _stats(self, handle: _InFlight) -> StepStats:
+        """The step's numbers: every worker's, summed in worker order. From the workers' events;
+        should one be missing, from their step tasks' results (a task each, no gradient moved)."""
+        parts = self.inbox.take((self.generation, handle.step, handle.compute), self.workers, self.EVENTS_GRACE_S)
+        if parts is None:
+            log.warning("step %d: the workers' step events did not all arrive; asking their tasks", handle.step)
+            picked = [self.client.submit(stats_of, task, workers=[addr], allow_other_workers=False, pure=False)
+                      for addr, task in zip(self.workers, handle.tasks)]
+            parts = [p or StepStats() for p in self.gather_within(picked, self.workers, f"step {handle.step}'s numbers")]
+        total = StepStats()
+        for part in parts:
+            total = total + part
+        return total
+
     def cancel(self, pending: Sequence[_InFlight]) -> None:
-        futures = [f for e in pending for f in (*e.root[1], e.stats, *e.tasks)]
+        futures = [f for e in pending for f in (*e.root[1], *e.tasks)]
         if futures:
             self.client.cancel(futures)
+
+    def close(self) -> None:
+        self.inbox.close()
+        super().close()
