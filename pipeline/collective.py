@@ -266,6 +266,8 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
         cap = int(replica.spec.config.train.bucket_mb * 2**20)
         group.buckets = BucketedSum(group, replica.params, replica.width, cap)
     replica.grad_sink = group.buckets
+    # A segment's step sums and applies its buffer before the next step: one buffer serves all.
+    replica.step_buffer = replica.place.zeros(replica.width)
     _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 

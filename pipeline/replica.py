@@ -151,6 +151,11 @@ class Replica:
         self.grad_sink: GradSink | None = None
         """Told when a step's last backward pass starts (``reduce: collective`` then sums each
         bucket of gradients as soon as backward has made it: see :mod:`dasktrain.collective`)."""
+        self.step_buffer: torch.Tensor | None = None
+        """The one flat buffer every step accumulates into, zeroed rather than allocated again
+        and bound to the parameters once: set by ``reduce: collective``, whose steps sum and use
+        their buffer before the next step begins. A tree step hands its buffer to Dask as its
+        result, which the next step's tasks still read, so each tree step takes a fresh one."""
 
     # -- the step -------------------------------------------------------------------------
 
@@ -182,13 +187,14 @@ class Replica:
 
     def apply_sum(self, t: int, grad_sum: torch.Tensor, stats: StepStats) -> None:
         """Optimizer step with ``grad_sum`` (the sum over all of step ``t``'s samples, on the
-        device) divided by the global sample count; refuses a non-finite one per ``on_nan``."""
+        device) divided, in place, by the global sample count; refuses a non-finite one per
+        ``on_nan``. ``grad_sum`` is the caller's to give up: it holds the mean afterwards."""
         self.applied = t + 1
         self.history[t] = stats.as_dict()
         # Kept for the steps a driver may not have recorded yet when it regroups: up to two
         # collective segments of LINEAGE_STEPS (64) each, with room to spare.
         self.history.pop(t - HISTORY_STEPS, None)
-        flat = grad_sum / max(stats.count, 1)
+        flat = grad_sum.div_(max(stats.count, 1))  # the caller's own buffer: no copy of the size of the model
         try:
             # Every replica sees the same root (sum and stats), so every replica decides alike.
             apply = self.core.admit_update(t, flat, void=stats.nonfinite > 0, whole_model=True)
@@ -247,7 +253,8 @@ class Replica:
         Before each piece the random stream is reseeded from (seed, step, shard, piece), so a
         piece draws the same dropout masks whichever worker runs it."""
         cfg = self.spec.config
-        flat = self.place.zeros(self.width)
+        reuse = self.step_buffer is not None and not cfg.train.deterministic  # one buffer per step, not per leaf
+        flat = self.step_buffer.zero_() if reuse and self.step_buffer is not None else self.place.zeros(self.width)
         self.core.bind(flat)  # backward accumulates straight into the flat buffer
         stats_segment = flat[self.numel:]
         pieces_of = [min(cfg.train.accumulate, rows.count(x)) for _, (x, _) in units]

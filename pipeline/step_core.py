@@ -58,6 +58,8 @@ class StepCore:
         self.sizes = [p.numel() for p in params]
         self.numel = sum(self.sizes)
         """Gradient entries at the head of a flat buffer (a replica appends running statistics)."""
+        self.bound: torch.Tensor | None = None
+        """The buffer the parameters' gradients were last made views of (:meth:`bind`)."""
         self.optimizer = optimizer
         """None for a part without trainable parameters (a pipeline stage of activations only)."""
         self.plan = plan
@@ -73,9 +75,16 @@ class StepCore:
 
     def bind(self, flat: torch.Tensor) -> None:
         """Make every parameter's ``.grad`` a view into the head of ``flat``: backward then adds
-        into the buffer the workers sum, and the optimizer reads the reduced one in place."""
+        into the buffer the workers sum, and the optimizer reads the reduced one in place.
+
+        A buffer bound already (one that serves every step) is not bound again: a view per
+        parameter per step is Python work a plain loop does not do. Should anything have reset
+        the gradients since (``zero_grad()`` sets them to None), they are bound again."""
+        if flat is self.bound and (not self.params or self.params[0].grad is not None):
+            return
         for p, view in zip(self.params, flat[: self.numel].split(self.sizes)):
             p.grad = view.view_as(p)
+        self.bound = flat
 
     def seed(self, t: int, unit: int, piece: int = 0, stage: int = 0) -> None:
         """Reseed the random stream for one forward unit of step ``t``: a shard (data parallel) or
