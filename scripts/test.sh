@@ -32,5 +32,6 @@ fi
 # Two pytest processes (pytest-xdist), each taking whole test files, so a module's cluster and
 # server fixtures stay in one process: the tests spend much of their time starting processes and
 # waiting on them, and one process kept only about one core busy. DASKTRAIN_TEST_PROCESSES=0 runs
-# them in this process, one after the other.
-python -m pytest -q -p no:cacheprovider --basetemp "$pytest_tmp/t" -n "${DASKTRAIN_TEST_PROCESSES:-2}" --dist loadfile "$@"
+# them in this process, one after the other. The 15 slowest tests are listed at the end, to keep
+# the suite near its 10-minute budget.
+python -m pytest -q -p no:cacheprovider --durations=15 --basetemp "$pytest_tmp/t" -n "${DASKTRAIN_TEST_PROCESSES:-2}" --dist loadfile "$@"
