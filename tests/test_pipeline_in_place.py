@@ -129,11 +129,15 @@ def test_a_model_the_replay_cannot_build_falls_back_to_the_same_values(caplog):
 
 # -- acceptance: a model larger than a worker trains in 4 stages ------------------------------------
 
-WIDTH, BLOCKS, STAGES = 2048, 24, 4
-"""24 Linear layers of width 2048: 97 M parameters, 387 MB of fp32; with AdamW's two moments the
-whole model's training state is 1.16 GB."""
-LIMIT = "1050MiB"
-"""Each worker's Dask memory limit: less than the whole model's parameters and optimizer state."""
+WIDTH, BLOCKS, STAGES = 2048, 28, 4
+"""28 Linear layers of width 2048: 113 M parameters, 454 MB of fp32; with AdamW's two moments the
+whole model's training state is 1.36 GB (1299 MiB)."""
+LIMIT = "1250MiB"
+"""Each worker's Dask memory limit: less than the whole model's parameters and optimizer state.
+A stage of eight wide layers peaks near 955 MiB (its weights, gradient buffer and two moments,
+512 MiB, on a worker process of 290 MiB, and working memory); the nanny restarts a worker at 95%
+of the limit, so the limit leaves that peak room on a busy machine (at 1050 MiB it did not, once
+in a few runs)."""
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +197,9 @@ def test_a_model_larger_than_a_worker_trains_in_stages_each_below_the_model_size
     store = write_store(tmp_path / "wide.zarr", {"inputs": rng.normal(size=(32, 64)).astype(np.float32),
                                                  "targets": rng.integers(0, 8, size=32)}, chunk_size=8)
     # Layers: Flatten, then Linear and ReLU per hidden width, then the head (Linear i at 2i + 1).
-    # Stage 0 holds only the first, narrow Linear; stages 1-3 eight wide ones each (7 and the head).
-    cuts = [3, 19, 35]
+    # Stage 0 holds the first, narrow Linear and four wide ones; stages 1-3 eight wide ones each
+    # (7 and the head).
+    cuts = [11, 27, 43]
     config = validate_config({
         "data": {"store": str(store)},
         "model": {"factory": "dasktrain.models:mlp",
@@ -226,5 +231,6 @@ def test_a_model_larger_than_a_worker_trains_in_stages_each_below_the_model_size
     for stage, worker in enumerate(start["workers"]):
         peak, grown = peaks[worker], peaks[worker] - idle[worker]
         assert peak < whole, f"stage {stage} peaked at {peak / 2**20:.0f} MiB, the model's state is {whole / 2**20:.0f} MiB"
-        # Its weights, gradients and two moments, and some working memory: never the other stages' layers.
-        assert grown < 4 * stage_bytes[stage] + 300 * 2**20, (stage, grown / 2**20, stage_bytes[stage] / 2**20)
+        # Its weights, gradients and two moments, and some working memory (measured 220-270 MiB):
+        # never the other stages' layers (another stage's eight layers alone are 512 MiB of state).
+        assert grown < 4 * stage_bytes[stage] + 400 * 2**20, (stage, grown / 2**20, stage_bytes[stage] / 2**20)
