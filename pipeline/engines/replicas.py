@@ -227,8 +227,10 @@ class ReplicaEngine(Engine):
                 if unfinished is not None:
                     late.update(w for w, f in zip(self.workers, unfinished) if not f.done())
                 stragglers = tuple(w for w in self.workers if w in late)
-                if not stragglers and now < deadline + self.SILENT_S:
-                    continue  # a frozen worker shows as silent within SILENT_S: name it rather than no one
+                if len(stragglers) in (0, len(self.workers)) and now < deadline + self.SILENT_S:
+                    # A frozen worker shows as silent within SILENT_S: name it, rather than no one,
+                    # or everyone (the others' steps wait on its data or in its all-reduce).
+                    continue
                 raise WorkersChanged(f"step {step} passed train.step_timeout={timeout}s; not answering: {list(stragglers)}",
                                      exclude=stragglers)
 
