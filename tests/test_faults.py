@@ -11,6 +11,7 @@ import torch
 import zarr
 
 from dasktrain.checkpoint import latest_checkpoint, load_checkpoint
+from dasktrain.engines.replicas import ReplicaEngine
 from dasktrain.errors import DataError, NonFiniteLossError
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
@@ -89,8 +90,11 @@ def assert_bitwise(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_deterministic_bitwise_after_kill_and_after_join(store, tmp_path):
+def test_deterministic_bitwise_after_kill_and_after_join(store, tmp_path, monkeypatch):
     config, clean = deterministic_reference(store, tmp_path)
+    # Look for joined workers at every step boundary: at the default of once a second, a fast
+    # machine finished the run's remaining steps before the next look, and no join happened.
+    monkeypatch.setattr(ReplicaEngine, "JOIN_POLL_S", 0.0)
 
     killed_cfg = config.model_copy(update={"output_dir": str(tmp_path / "killed")})
     with local_client(2) as client:

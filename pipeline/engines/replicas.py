@@ -77,6 +77,8 @@ class ReplicaEngine(Engine):
     """A worker whose heartbeat (every 0.5 s on small clusters) is this much older than the
     freshest worker's is taken as frozen (SIGSTOP, a hung node) once a step is past its deadline."""
     MAX_REGROUPS = 50
+    JOIN_POLL_S = 1.0
+    """Seconds between two looks for workers that joined (each asks the scheduler)."""
 
     def __init__(self, ctx: RunContext) -> None:
         super().__init__(ctx)
@@ -134,9 +136,9 @@ class ReplicaEngine(Engine):
         return sorted(set(nthreads) - self.excluded)
 
     def poll(self) -> None:
-        """Once a second: workers that joined (a nanny's restart, a scale-up, a late batch job)
+        """Every JOIN_POLL_S (a second): workers that joined (a nanny's restart, a scale-up, a late batch job)
         take shards over now, when the run has shards for them."""
-        if time.monotonic() - self.last_poll < 1.0:
+        if time.monotonic() - self.last_poll < self.JOIN_POLL_S:
             return
         joined = set(self._alive()) - set(self.workers)
         self.last_poll = time.monotonic()
