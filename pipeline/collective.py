@@ -13,10 +13,13 @@ on the workers:
   clash; see :mod:`dasktrain.registry`);
 - :func:`run_segment`: steps ``[start, stop)`` with no task boundary between them. Each step,
   every rank computes its fused gradient, summed over the ranks in buckets launched from
-  backward as each bucket is made (:class:`BucketedSum`, as torch's DDP does), then the ranks
-  all-reduce a small stats vector, whose failure flag makes every rank stop at the same step
-  when one failed, and apply the same update. Every rank launches every bucket every step,
-  failed or not, so no rank is left waiting in an all-reduce the others never start.
+  backward as each bucket is made (:class:`BucketedSum`, as torch's DDP does). The step's
+  numbers (loss sum, correct count, sample count, times, and a failure flag that makes every
+  rank stop at the same step when one failed) ride at the end of the same buffer and are summed
+  with it; a rank reads them with the reduced gradient's sum in one host read per step, its loss
+  values staying on the device until then (a non-finite loss sum, only, makes the ranks count
+  their micro-batches exactly). Every rank then applies the same update, or skips or stops alike. Every rank launches every bucket every step, failed or not, so
+  no rank is left waiting in an all-reduce the others never start.
 
 A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
 :data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
@@ -32,6 +35,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
+import math
 import os
 import socket
 import sys
@@ -48,7 +52,8 @@ from torch import nn
 from dasktrain.errors import DasktrainError
 from dasktrain.reduce import StepStats
 from dasktrain.registry import Resident
-from dasktrain.replica import get_replica
+from dasktrain.replica import Replica, get_replica
+from dasktrain.step_core import DeviceTally, Scored
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +149,19 @@ class BucketedSum:
                 self.spans.append((lo, hi))
                 self.members.append(1)
             bucket_of[i] = len(self.spans) - 1
-        self.tail = (offsets[-1], width) if width > offsets[-1] else None
-        """Running-statistics updates after the gradients: whole only after the last unit, so
-        launched by :meth:`finish`."""
-        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(bucket_of[i])) for i, p in enumerate(params)]
+        # What follows the gradients (running-statistics updates, the step's numbers) is whole
+        # only once the step ends, so :meth:`finish` launches it. A model of one bucket sends it
+        # in that bucket (one all-reduce per step, launched at the end of backward all the same);
+        # with more, it is a small all-reduce of its own, after the last bucket.
+        self.tail: tuple[int, int] | None = None
+        self.hooked = len(self.spans)
+        """Buckets before this one are launched by the hooks; the others by :meth:`finish`."""
+        if len(self.spans) <= 1:
+            self.spans, self.members, self.hooked = [(0, width)], [len(params)], 0
+        else:
+            self.tail = (offsets[-1], width)
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(bucket_of[i]))
+                       for i, p in enumerate(params)] if self.hooked else []  # one bucket: no hooks to run
         self._flat: torch.Tensor | None = None
         self._missing: list[int] = []
         self._next = 0
@@ -182,7 +196,7 @@ class BucketedSum:
             self._missing[bucket] -= 1
             if self._missing[bucket] == 0:
                 ready = self._next
-                while ready < len(self.spans) and self._missing[ready] <= 0:
+                while ready < self.hooked and self._missing[ready] <= 0:
                     ready += 1
                 self._launch(ready)
         return made
@@ -194,6 +208,16 @@ class BucketedSum:
             self._works.append(self.group.group.allreduce([self._flat[lo:hi]]))
             self._next += 1
 
+
+_DEVICE_SLOTS = ("loss_sum", "correct")
+"""Step numbers summed on the device (:class:`~dasktrain.step_core.DeviceTally`), in its order."""
+_HOST_SLOTS = ("count", "chunks_read", "data_wait_s", "compute_s", "failed")
+"""Step numbers the rank knows on the host, and whether its step failed."""
+SLOTS = len(_DEVICE_SLOTS) + len(_HOST_SLOTS)
+"""Entries after the gradients and running statistics in a rank's step buffer: the step's
+numbers, summed over the ranks with the running statistics (see :class:`BucketedSum`: in the one
+bucket of a small model), and read to the host with the reduced gradient's sum, in the step's one
+host read."""
 
 _GROUPS: Resident[CollectiveGroup] = Resident("process group", CollectiveGroup.close)
 """The process group of each run this worker is a rank of (freed with the run's replica)."""
@@ -264,10 +288,12 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
     group.store = store
     if size > 1:
         cap = int(replica.spec.config.train.bucket_mb * 2**20)
-        group.buckets = BucketedSum(group, replica.params, replica.width, cap)
+        group.buckets = BucketedSum(group, replica.params, replica.width + SLOTS, cap)
     replica.grad_sink = group.buckets
-    # A segment's step sums and applies its buffer before the next step: one buffer serves all.
-    replica.step_buffer = replica.place.zeros(replica.width)
+    # A segment's step sums and applies its buffer before the next step: one buffer serves all,
+    # with the step's numbers after the gradients (SLOTS), summed by the same all-reduce.
+    replica.step_buffer = replica.place.zeros(replica.width + SLOTS)
+    replica.tally = DeviceTally(replica.step_buffer[replica.width : replica.width + len(_DEVICE_SLOTS)])
     _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 
@@ -278,11 +304,6 @@ class SegmentEnd:
 
     validate: bool = False
     checkpoint: dict[str, Any] | None = None
-
-
-_STATS = tuple(f.name for f in fields(StepStats) if not f.name.startswith("val_"))
-"""The step numbers every rank adds to the stats all-reduce (validation has its own, at segment ends)."""
-_FAILED = len(_STATS)
 
 
 def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any = None) -> dict[str, Any]:
@@ -300,6 +321,7 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
         if replica.applied != start:
             raise DasktrainError(f"replica out of step: asked for segment {start}-{stop} after {replica.applied} updates")
         steps = []
+        width = replica.width
         for t in range(start, stop):
             began = time.perf_counter()
             stats = StepStats()
@@ -310,24 +332,38 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
                 grads = replica.local_grads(t, stats)  # launches the gradient buckets as backward makes them
                 (flat,) = grads.values()
             except Exception as exc:  # every rank must reach the all-reduces below, failed or not
-                failure, flat = exc, replica.place.zeros(replica.width)
+                failure, flat = exc, replica.place.zeros(width + SLOTS)
             reduce_began = time.perf_counter()
-            pending = group.buckets.finish(flat) if group.buckets is not None else []
-            vector = torch.tensor([float(getattr(stats, f)) for f in _STATS] + [1.0 if failure else 0.0],
-                                  dtype=torch.float64, device=group.device)
-            group.sum_(vector)
-            for work in pending:
+            slots = flat[width:]  # the device slots were added to by the step's micro-batches
+            if group.size > 1:  # a group of one has nothing to sum: its numbers are on the host
+                for i, name in enumerate(_HOST_SLOTS, start=len(_DEVICE_SLOTS)):
+                    value = (1.0 if failure else 0.0) if name == "failed" else float(getattr(stats, name))
+                    if value:
+                        slots[i].fill_(value)  # a kernel: no host-to-device copy to wait for
+            for work in group.buckets.finish(flat) if group.buckets is not None else []:
                 work.wait()
-            reduced_s = time.perf_counter() - reduce_began
-            totals = vector.tolist()
+            # The step's one host read: its summed numbers and the reduced gradient's sum.
+            *totals, total = torch.cat((slots, flat[:width].sum().reshape(1))).tolist()
+            summed = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, totals))
+            if group.size == 1:
+                summed.update({name: float(getattr(stats, name)) for name in _HOST_SLOTS if name != "failed"})
             if failure is not None:
                 raise failure
-            if totals[_FAILED]:
+            if summed.pop("failed"):
                 raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
                                       "its error is the one this run reports")
-            summed = _summed(totals[:_FAILED], group.size)
-            replica.apply_sum(t, flat, summed)
-            record = summed.as_dict()
+            if not math.isfinite(summed["loss_sum"]):
+                # Some rank's loss was not finite (every rank sees the same sum): count as the
+                # micro-batches' own policy does, and sum those counts too.
+                assert replica.tally is not None
+                exact = group.sum_(torch.tensor(replica.tally.exact(), dtype=torch.float64, device=group.device))
+                summed["loss_sum"], summed["correct"], summed["nonfinite"] = exact.tolist()
+            reduced_s = time.perf_counter() - reduce_began
+            step_stats = _step_stats(summed, group.size)
+            if step_stats.nonfinite and replica.spec.config.train.on_nan == "stop":
+                _stop_on_nonfinite(replica, t)
+            replica.apply_sum(t, flat[:width], step_stats, total)
+            record = step_stats.as_dict()
             record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)
             steps.append(record)
         result: dict[str, Any] = {"steps": steps, "val": None}
@@ -348,11 +384,14 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
         return result
 
 
-def _summed(totals: list[float], ranks: int) -> StepStats:
+def _step_stats(totals: dict[str, float], ranks: int) -> StepStats:
     """The ranks' step numbers from their all-reduced sums: counts as integers, times as the mean
     over ranks (a rank's time is the step's), the rest as sums."""
     values: dict[str, Any] = {}
-    for f, total in zip((f for f in fields(StepStats) if f.name in _STATS), totals):
+    for f in fields(StepStats):
+        if f.name not in totals:
+            continue
+        total = totals[f.name]
         if f.name in StepStats._MAX:
             values[f.name] = total / ranks
         elif isinstance(f.default, int):
@@ -360,3 +399,16 @@ def _summed(totals: list[float], ranks: int) -> StepStats:
         else:
             values[f.name] = total
     return StepStats(**values)
+
+
+def _stop_on_nonfinite(replica: Replica, t: int) -> None:
+    """``on_nan: stop`` when step ``t``'s loss was not finite on some rank: the rank where it was
+    names it (reading its micro-batches' losses, only now), the others report a peer's failure."""
+    assert replica.tally is not None
+    first = replica.tally.first_nonfinite()
+    if first is not None:
+        loss, correct = first
+        replica.core.admit_loss(Scored(torch.tensor(loss), loss, correct), 0, StepStats(), t,
+                                f" on shards {list(replica.spec.shards)}")  # raises, under on_nan: stop
+    raise PeerFailedError(f"the loss of global step {t} was not finite on another worker of the process group; "
+                          "its error is the one this run reports")

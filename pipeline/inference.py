@@ -287,7 +287,7 @@ def _evaluate_chunk(config: RunConfig, weights: str, dataset: DatasetInfo, chunk
         batch = batch_view(config.data.fields, x, y)
         metrics = {metric_name(path): metric_sums(path, resolve_callable(path, "metrics"), out, batch)
                    for path in config.metrics}
-        return {"loss_sum": float(loss), "correct": correct, "count": samples, "metrics": metrics}
+        return {"loss_sum": float(loss), "correct": float(correct), "count": samples, "metrics": metrics}
 
 
 def _tensor(array: Any, _: str) -> torch.Tensor:

@@ -39,17 +39,18 @@ def loss_sum(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return per_element.reshape(per_element.shape[0], -1).mean(dim=1).sum()
 
 
-def correct_count(kind: str, output: torch.Tensor, target: torch.Tensor) -> float:
-    """Sum over samples of the share of a sample's labels predicted right (0 for regression):
-    the count of correctly classified samples for one label per sample (whole numbers, exact in
-    a float), the sum of each sequence's token accuracy for sequences. Divided by the sample
-    count, it is the accuracy (per token, for sequences)."""
+def correct_count(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Sum over samples of the share of a sample's labels predicted right (0 for regression), as
+    an fp32 scalar on the output's device (reading it is the caller's choice: on a GPU each read
+    waits for the device): the count of correctly classified samples for one label per sample
+    (whole numbers, exact in a float), the sum of each sequence's token accuracy for sequences.
+    Divided by the sample count, it is the accuracy (per token, for sequences)."""
     if kind != "cross_entropy":
-        return 0.0
+        return output.new_zeros((), dtype=torch.float32)
     if output.ndim == 2:
-        return float((output.argmax(dim=1) == target).sum())
+        return (output.argmax(dim=1) == target).sum().float()
     right = (output.argmax(dim=-1) == target).reshape(len(target), -1)
-    return float(right.double().mean(dim=1).sum())
+    return right.double().mean(dim=1).sum().float()
 
 
 INPUT_DTYPES: dict[str, torch.dtype | None] = {"float": None, "int64": torch.int64}
@@ -161,16 +162,19 @@ def model_loss(out: Any) -> torch.Tensor:
 
 
 def batch_loss(kind: str, loss_fn: Callable[..., Any] | None, fields: dict[str, str] | tuple[str, ...] | None,
-               out: Any, inputs: Any, targets: Any, samples: int) -> tuple[torch.Tensor, float]:
-    """A batch's loss *sum* (backward starts from it) and correct count, under ``loss`` ``kind``:
+               out: Any, inputs: Any, targets: Any, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's loss *sum* (backward starts from it) and correct count (both fp32 scalars on the
+    device, read by nobody here), under ``loss`` ``kind``:
     a built-in loss on the output (or its logits) against ``targets``; ``model``, the output's
     own loss, a mean over the batch, times ``samples``; ``module:callable`` (``loss_fn``), the sum
     of its per-sample losses. Only cross-entropy counts correct predictions. Raises ValueError
     naming what does not fit."""
     if kind == "model":
-        return model_loss(out) * samples, 0.0
+        loss = model_loss(out) * samples
+        return loss, loss.new_zeros(())
     if loss_fn is not None:
-        return user_loss_sum(kind, loss_fn(out, batch_view(fields, inputs, targets)), samples), 0.0
+        loss = user_loss_sum(kind, loss_fn(out, batch_view(fields, inputs, targets)), samples)
+        return loss, loss.new_zeros(())
     logits = output_logits(kind, out)
     return loss_sum(kind, logits, targets), correct_count(kind, logits.detach(), targets)
 

@@ -46,7 +46,7 @@ from dasktrain.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepSta
 from dasktrain.registry import Resident, release
 from dasktrain.rows import Rows
 from dasktrain.running_stats import RunningStats
-from dasktrain.step_core import StepCore
+from dasktrain.step_core import DeviceTally, StepCore
 from dasktrain.step_events import publish
 from dasktrain.storage import locate
 from dasktrain.store import Chunk, DatasetInfo
@@ -156,6 +156,10 @@ class Replica:
         and bound to the parameters once: set by ``reduce: collective``, whose steps sum and use
         their buffer before the next step begins. A tree step hands its buffer to Dask as its
         result, which the next step's tasks still read, so each tree step takes a fresh one."""
+        self.tally: DeviceTally | None = None
+        """Set by ``reduce: collective``, whose step ends in one host read: each micro-batch's
+        loss and correct count stay on the device in it, and the non-finite policy is applied by
+        the caller from its sums (:mod:`dasktrain.collective`), not micro-batch by micro-batch."""
 
     # -- the step -------------------------------------------------------------------------
 
@@ -185,10 +189,11 @@ class Replica:
         assert reduced.stats is not None
         self.apply_sum(t, self.place.from_host(reduced.grads[self.tree.root]).float(), reduced.stats)
 
-    def apply_sum(self, t: int, grad_sum: torch.Tensor, stats: StepStats) -> None:
+    def apply_sum(self, t: int, grad_sum: torch.Tensor, stats: StepStats, total: float | None = None) -> None:
         """Optimizer step with ``grad_sum`` (the sum over all of step ``t``'s samples, on the
         device) divided, in place, by the global sample count; refuses a non-finite one per
-        ``on_nan``. ``grad_sum`` is the caller's to give up: it holds the mean afterwards."""
+        ``on_nan``. ``grad_sum`` is the caller's to give up: it holds the mean afterwards.
+        ``total``: the sum of ``grad_sum``'s elements, when the caller has read it already."""
         self.applied = t + 1
         self.history[t] = stats.as_dict()
         # Kept for the steps a driver may not have recorded yet when it regroups: up to two
@@ -197,7 +202,7 @@ class Replica:
         flat = grad_sum.div_(max(stats.count, 1))  # the caller's own buffer: no copy of the size of the model
         try:
             # Every replica sees the same root (sum and stats), so every replica decides alike.
-            apply = self.core.admit_update(t, flat, void=stats.nonfinite > 0, whole_model=True)
+            apply = self.core.admit_update(t, flat, void=stats.nonfinite > 0, whole_model=True, total=total)
         except NonFiniteLossError:
             self.applied = t
             raise
@@ -228,6 +233,8 @@ class Replica:
         stats.chunks_read = self.feed.take_reads()
         t1 = time.perf_counter()
         self.model.train()
+        if self.tally is not None:
+            self.tally.clear()
         if cfg.train.ledger:
             self._record_ledger(t)
         shards = self.spec.shards
@@ -256,7 +263,7 @@ class Replica:
         reuse = self.step_buffer is not None and not cfg.train.deterministic  # one buffer per step, not per leaf
         flat = self.step_buffer.zero_() if reuse and self.step_buffer is not None else self.place.zeros(self.width)
         self.core.bind(flat)  # backward accumulates straight into the flat buffer
-        stats_segment = flat[self.numel:]
+        stats_segment = flat[self.numel:self.width]
         pieces_of = [min(cfg.train.accumulate, rows.count(x)) for _, (x, _) in units]
         last_unit = max((u for u, n in enumerate(pieces_of) if n), default=-1)  # the one whose last piece ends the step
         for u, (shard, (x_all, y_all)) in enumerate(units):
@@ -283,12 +290,20 @@ class Replica:
         try:
             with self.place.autocast():
                 out = call_model(self.model, self.spec.config.data.fields, x)
-            scored = self.core.score(out, y, x, samples)
+            if self.tally is not None:  # nothing read to the host: the caller judges the step's sums
+                loss, pair = self.core.score_pair(out, y, x, samples)
+            else:
+                scored = self.core.score(out, y, x, samples)
         except (RuntimeError, ValueError, IndexError, TypeError) as exc:
             raise DasktrainError(
                 f"forward pass failed at {self.core.where(t)} on inputs of "
                 f"shape {rows.shapes(x)} and targets of shape {rows.shapes(y)}: {exc}"
             ) from None
+        if self.tally is not None:
+            self.tally.add(pair)
+            stats.count += samples
+            loss.backward()  # a non-finite loss voids or stops the step after the reduction
+            return True
         if not self.core.admit_loss(scored, samples, stats, t, f" on shards {list(self.spec.shards)}"):
             return False
         scored.loss.backward()

@@ -98,7 +98,13 @@ class StepCore:
         ``samples``; ``module:callable``, the sum of its per-sample losses. Only cross-entropy
         counts correct predictions."""
         loss, correct = batch_loss(self.config.loss, self.loss_fn, self.config.data.fields, out, inputs, y, samples)
-        return Scored(loss, float(loss.detach()), correct)
+        return Scored(loss, float(loss.detach()), float(correct))
+
+    def score_pair(self, out: Any, y: Any, inputs: Any, samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`score` without reading anything to the host: the loss backward starts from, and
+        the detached ``(loss, correct)`` pair for a :class:`DeviceTally`."""
+        loss, correct = batch_loss(self.config.loss, self.loss_fn, self.config.data.fields, out, inputs, y, samples)
+        return loss, torch.stack((loss.detach().float(), correct.float()))
 
     def measure(self, out: Any, y: Any, inputs: Any, stats: StepStats) -> None:
         """Add one validation batch's ``(sum, count)`` of every metric of the run to ``stats``."""
@@ -128,7 +134,7 @@ class StepCore:
         raise NonFiniteLossError(f"loss is {scored.value} at {self.where(t)}{detail}; the update was not applied")
 
     def admit_update(self, t: int, mean: torch.Tensor, *, void: bool, whole_model: bool,
-                     what: str = "the gradient") -> bool:
+                     what: str = "the gradient", total: float | None = None) -> bool:
         """Whether the update of step ``t`` with the reduced gradient ``mean`` is made.
 
         ``void``: a loss of the step was not finite somewhere (counted under ``skip_step``): every
@@ -136,10 +142,12 @@ class StepCore:
         is skipped under ``skip_step`` only when it is the ``whole_model``'s gradient, which every
         replica sees alike; a pipeline stage holds one part of the model, and skipping one part
         while the others update would diverge silently, so it raises, as ``stop`` always does.
+        ``total``: the sum of ``mean``'s elements (or of the buffer it was divided from), when the
+        caller read it already, with other numbers of the step.
         """
         if void:
             return False
-        if all_finite(mean):
+        if all_finite(mean, total):
             return True
         if whole_model and self.config.train.on_nan == "skip_step":
             return False
@@ -164,7 +172,7 @@ class StepCore:
         self.optimizer.step()
 
 
-def all_finite(values: torch.Tensor) -> bool:
+def all_finite(values: torch.Tensor, total: float | None = None) -> bool:
     """Whether every element of ``values`` is finite: one reduction and one number read.
 
     A sum is finite only if every term is (NaN and infinity survive any addition), so a finite
@@ -172,7 +180,51 @@ def all_finite(values: torch.Tensor) -> bool:
     non-finite element or an overflow of large finite ones, is looked at element by element (in
     pieces: a whole-buffer ``isfinite`` takes a temporary as large as the buffer). The
     element-wise check alone cost about 3 ms per step for a 1.9M-parameter MLP on one CPU core,
-    35 times the sum."""
-    if math.isfinite(float(values.sum())):
+    35 times the sum. ``total``, when given, is that sum, read already."""
+    if math.isfinite(float(values.sum()) if total is None else total):
         return True
     return all(bool(torch.isfinite(piece).all()) for piece in values.split(1 << 22))
+
+
+class DeviceTally:
+    """A step's loss numbers, kept on the device until the step's one host read.
+
+    :meth:`StepCore.score` reads each micro-batch's loss and correct count to the host, which on
+    a GPU waits for the device: twice per micro-batch, every step. A replica whose step already
+    ends in one host read (``reduce: collective``: the reduced gradient's numbers) adds the pairs
+    on the device instead, into ``sums`` (a view into the buffer it reduces): one addition per
+    micro-batch. A non-finite loss makes the loss sum non-finite, which is all the common path
+    needs to know; only then does :meth:`exact` read the pairs, to count as
+    :meth:`StepCore.admit_loss` would (the finite micro-batches' numbers, and how many were not)."""
+
+    def __init__(self, sums: torch.Tensor) -> None:
+        self.sums = sums
+        """``(loss sum, correct)`` of the step's micro-batches so far, on the device."""
+        self.pairs: list[torch.Tensor] = []
+        """Each micro-batch's ``(loss, correct)`` this step, in order."""
+
+    def clear(self) -> None:
+        self.sums.zero_()
+        self.pairs = []
+
+    def add(self, pair: torch.Tensor) -> None:
+        self.pairs.append(pair)
+        self.sums.add_(pair)
+
+    def exact(self) -> tuple[float, float, int]:
+        """The step's ``(loss sum, correct, non-finite count)``, read to the host pair by pair:
+        a non-finite micro-batch adds to the count only, as under :meth:`StepCore.admit_loss`."""
+        loss_sum, correct, nonfinite = 0.0, 0.0, 0
+        for loss, right in self._read():
+            if math.isfinite(loss):
+                loss_sum, correct = loss_sum + loss, correct + right
+            else:
+                nonfinite += 1
+        return loss_sum, correct, nonfinite
+
+    def first_nonfinite(self) -> tuple[float, float] | None:
+        """The first non-finite micro-batch's ``(loss, correct)``; None when every loss was finite."""
+        return next(((loss, right) for loss, right in self._read() if not math.isfinite(loss)), None)
+
+    def _read(self) -> list[list[float]]:
+        return torch.stack(self.pairs).tolist() if self.pairs else []

@@ -131,13 +131,16 @@ def loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.ndarray] | None],
                       total_steps: int | None = None, clip: float | None = None,
-                      grad_norms: list[float] | None = None) -> dict[str, torch.Tensor]:
+                      grad_norms: list[float] | None = None,
+                      step_numbers: list[tuple[float, int]] | None = None) -> dict[str, torch.Tensor]:
     """Weights after one optimizer step per entry of ``batches``, with the learning rate of a run of
     ``total_steps`` steps (default: ``len(batches)``).
 
     ``clip``: before each step, scale the global batch's mean gradient to at most this L2 norm over
     all parameters (``torch.nn.utils.clip_grad_norm_``); each step's norm before clipping is
-    appended to ``grad_norms`` when given.
+    appended to ``grad_norms`` when given. ``step_numbers``, when given, gets each applied step's
+    mean loss over its global batch and, for cross-entropy, how many of its samples the model
+    (before the step's update) classified right.
 
     An entry is the store sample indices of that global batch, run as one forward pass; or a list of
     index arrays, one forward pass each (the shards' micro-batches), for models with batch
@@ -165,13 +168,19 @@ def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.nd
         start = [(m.running_mean.clone(), m.running_var.clone(), int(m.num_batches_tracked)) for m in norms]
         moved = [(torch.zeros_like(mean), torch.zeros_like(var)) for mean, var, _ in start]
         optimizer.zero_grad()
+        step_loss, step_correct = 0.0, 0
         for indices in parts:
             for m, (mean, var, _) in zip(norms, start):
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
             y = torch.from_numpy(targets[indices])
+            out = model(torch.from_numpy(inputs[indices]).float())
             # A sum over the part's samples: the parts add up to the mean over the global batch.
-            (loss(config.loss, model(torch.from_numpy(inputs[indices]).float()), y) * (len(indices) / count)).backward()
+            part_loss = loss(config.loss, out, y) * (len(indices) / count)
+            part_loss.backward()
+            step_loss += float(part_loss.detach())
+            if config.loss == "cross_entropy":
+                step_correct += int((out.argmax(dim=1) == y.long()).sum())
             for m, (mean, var, _), (d_mean, d_var) in zip(norms, start, moved):
                 d_mean += len(indices) * (m.running_mean - mean)
                 d_var += len(indices) * (m.running_var - var)
@@ -179,6 +188,8 @@ def reference_weights(config: Any, batches: Sequence[np.ndarray | Sequence[np.nd
             m.running_mean.copy_(mean + d_mean / count)
             m.running_var.copy_(var + d_var / count)
             m.num_batches_tracked.fill_(tracked + 1)
+        if step_numbers is not None:
+            step_numbers.append((step_loss, step_correct))
         lr = learning_rate(schedule.name, config.optimizer.lr, step, total, schedule.warmup_steps, schedule.min_lr)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr

@@ -27,7 +27,7 @@ from dasktrain.errors import DataError, NonFiniteLossError
 from dasktrain.preflight import build_plan, resolve_splits
 from dasktrain.reduce import StepStats
 from dasktrain.stage_actor import PipelineStage, StageSpec
-from dasktrain.step_core import Scored, StepCore, all_finite
+from dasktrain.step_core import DeviceTally, Scored, StepCore, all_finite
 from dasktrain.store import open_dataset
 from tests.helpers import run_config, synthetic_store
 from tests.reference import build_model, learning_rate, loss
@@ -93,6 +93,30 @@ def test_a_finite_loss_counts_and_a_non_finite_one_voids_the_step_under_skip_ste
     assert core.admit_loss(Scored(torch.tensor(3.0), 3.0, 2), 5, stats, t=6)
     assert not core.admit_loss(Scored(torch.tensor(float("nan")), float("nan"), 1), 4, stats, t=6)
     assert (stats.loss_sum, stats.count, stats.correct, stats.nonfinite) == (3.0, 9, 2, 1)
+
+
+def test_a_device_tally_counts_what_admit_loss_counts(tmp_path):
+    # The same micro-batches through admit_loss (read one by one) and a DeviceTally (added on the device).
+    pairs = [(3.0, 2.0), (float("nan"), 1.0), (1.5, 4.0), (float("inf"), 0.0), (0.25, 1.0)]
+    core, _, _ = _core(tmp_path, on_nan="skip_step")
+    stats = StepStats()
+    for value, correct in pairs:
+        core.admit_loss(Scored(torch.tensor(value), value, correct), 1, stats, t=6)
+    buffer = torch.full((4,), 7.0)
+    tally = DeviceTally(buffer[1:3])
+    tally.clear()
+    assert buffer.tolist() == [7.0, 0.0, 0.0, 7.0] and tally.first_nonfinite() is None
+    assert tally.exact() == (0.0, 0.0, 0)
+    for value, correct in pairs[2:3] + pairs[4:]:  # finite only: the sums on the device are the counts
+        tally.add(torch.tensor([value, correct]))
+    assert buffer.tolist() == [7.0, 1.75, 5.0, 7.0] and tally.first_nonfinite() is None
+    tally.clear()
+    for value, correct in pairs:
+        tally.add(torch.tensor([value, correct]))
+    assert math.isnan(buffer[1])  # what tells the caller to count exactly
+    assert tally.exact() == (stats.loss_sum, stats.correct, stats.nonfinite) == (4.75, 7.0, 2)
+    value, correct = tally.first_nonfinite() or (0.0, 0.0)
+    assert math.isnan(value) and correct == 1.0
 
 
 def test_a_non_finite_loss_stops_naming_the_step_under_stop(tmp_path):
