@@ -114,12 +114,19 @@ class CollectiveGroup:
                 pass
 
 
+FIRST_BUCKET_BYTES = 2**20
+"""The first bucket's size, as DDP's (``torch.distributed._DEFAULT_FIRST_BUCKET_BYTES``): small,
+so that the first all-reduce starts early in backward."""
+
+
 class BucketedSum:
     """One rank's gradient all-reduce, cut in buckets, each launched as soon as backward has made it.
 
     A bucket is a run of parameters in the reverse order of the model's (about the order in which
-    backward finishes them), so each is one contiguous slice of the flat gradient buffer, of at
-    most ``cap_bytes`` (``train.bucket_mb``; a larger parameter is a bucket of its own). Every
+    backward finishes them), so each is one contiguous slice of the flat gradient buffer. As in
+    torch's DDP, a bucket closes with the parameter that brings it to ``cap_bytes``
+    (``train.bucket_mb``), the first one at :data:`FIRST_BUCKET_BYTES` already: the last layers'
+    gradients then travel while backward still works through the first layers. Every
     step, every rank launches every bucket once, in bucket order: one that backward finishes early
     waits for the ones before it, and what backward did not reach (a parameter the step did not
     use, a step that failed or was voided) is launched by :meth:`finish`. Ranks thus always pair
@@ -139,16 +146,18 @@ class BucketedSum:
         """Each bucket's slice of the flat buffer, in launch order (from the buffer's end)."""
         self.members: list[int] = []
         bucket_of: dict[int, int] = {}
+        closed = True
         for i in reversed(range(len(params))):
             lo, hi = offsets[i], offsets[i + 1]
-            size = 4 * (hi - lo)
-            if self.spans and 4 * (self.spans[-1][1] - lo) <= cap_bytes and size <= cap_bytes:
-                self.spans[-1] = (lo, self.spans[-1][1])
-                self.members[-1] += 1
-            else:
+            if closed:
                 self.spans.append((lo, hi))
                 self.members.append(1)
+            else:
+                self.spans[-1] = (lo, self.spans[-1][1])
+                self.members[-1] += 1
             bucket_of[i] = len(self.spans) - 1
+            limit = min(FIRST_BUCKET_BYTES, cap_bytes) if len(self.spans) == 1 else cap_bytes
+            closed = 4 * (self.spans[-1][1] - self.spans[-1][0]) >= limit  # fp32 gradients
         # What follows the gradients (running-statistics updates, the step's numbers) is whole
         # only once the step ends, so :meth:`finish` launches it. A model of one bucket sends it
         # in that bucket (one all-reduce per step, launched at the end of backward all the same);
@@ -158,7 +167,7 @@ class BucketedSum:
         """Buckets before this one are launched by the hooks; the others by :meth:`finish`."""
         if len(self.spans) <= 1:
             self.spans, self.members, self.hooked = [(0, width)], [len(params)], 0
-        else:
+        elif width > offsets[-1]:
             self.tail = (offsets[-1], width)
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(bucket_of[i]))
                        for i, p in enumerate(params)] if self.hooked else []  # one bucket: no hooks to run

@@ -260,8 +260,8 @@ class Replica:
         Before each piece the random stream is reseeded from (seed, step, shard, piece), so a
         piece draws the same dropout masks whichever worker runs it."""
         cfg = self.spec.config
-        reuse = self.step_buffer is not None and not cfg.train.deterministic  # one buffer per step, not per leaf
-        flat = self.step_buffer.zero_() if reuse and self.step_buffer is not None else self.place.zeros(self.width)
+        kept = None if cfg.train.deterministic else self.step_buffer  # one buffer per step, not per leaf
+        flat = kept.zero_() if kept is not None else self.place.zeros(self.width)
         self.core.bind(flat)  # backward accumulates straight into the flat buffer
         stats_segment = flat[self.numel:self.width]
         pieces_of = [min(cfg.train.accumulate, rows.count(x)) for _, (x, _) in units]

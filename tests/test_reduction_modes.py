@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from torch import nn
 
+from dasktrain.collective import BucketedSum
 from dasktrain.errors import ConfigError, NonFiniteLossError
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
@@ -86,6 +88,31 @@ def test_collective_on_three_workers_equals_single_process(store, tmp_path):
     with local_client(3) as client:
         train(config, client=client)
     assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
+
+
+def test_gradient_buckets_close_where_ddp_s_do():
+    # Launch order runs from the last parameter back; as in DDP, a bucket closes with the
+    # parameter that brings it to its limit: 1 MiB for the first, bucket_mb for the others.
+    mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    params = list(mlp.parameters())  # 802816, 1024, 1048576, 1024, 10240, 10 entries
+    total = 802816 + 1024 + 1048576 + 1024 + 10240 + 10
+    buckets = BucketedSum(None, params, total + 7, 25 * 2**20)
+    # 10 + 10240 + 1024 entries stay under 1 MiB; the 4 MiB weight of the second layer closes it.
+    assert buckets.spans == [(802816 + 1024, total), (0, 802816 + 1024)]
+    assert buckets.tail == (total, total + 7)  # what follows the gradients: its own all-reduce
+    buckets.close()
+    # The first two layers' weights and the first bias: 1048576 entries close the first bucket
+    # alone; then the bias (1024) and the weight (802816) stay together under 4 MiB...
+    head = BucketedSum(None, params[:3], 1852416, 4 * 2**20)
+    assert head.spans == [(803840, 1852416), (0, 803840)] and head.tail is None  # nothing follows
+    head.close()
+    # ... and under a 1 KiB limit the bias closes a bucket of its own.
+    apart = BucketedSum(None, params[:3], 1852416, 2**10)
+    assert apart.spans == [(803840, 1852416), (802816, 803840), (0, 802816)]
+    apart.close()
+    tiny = BucketedSum(None, params[4:], 10250 + 7, 25 * 2**20)  # one bucket: the tail rides in it
+    assert tiny.spans == [(0, 10250 + 7)] and tiny.tail is None and tiny.hooked == 0
+    tiny.close()
 
 
 def test_collective_rejects_what_it_cannot_honour(store, tmp_path):
