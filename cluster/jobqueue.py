@@ -99,11 +99,13 @@ def site_settings(kind: str) -> dict[str, Any]:
     return {key: value for key, value in found.items() if key not in defaults or defaults[key] != value}
 
 
-def plan_jobqueue(spec: ClusterConfig, worker_settings: dict[str, Any], closed_http: str) -> JobqueuePlan:
+def plan_jobqueue(spec: ClusterConfig, worker_settings: dict[str, Any], closed_http: str,
+                  worker_environ: dict[str, str] | None = None) -> JobqueuePlan:
     """Merge ``spec`` onto the site's config (see the module docstring) and check the result.
 
     ``worker_settings``: Dask settings the workers get through their environment (prologue lines);
-    ``closed_http``: where the scheduler's HTTP server listens without a dashboard.
+    ``closed_http``: where the scheduler's HTTP server listens without a dashboard;
+    ``worker_environ``: environment variables the job exports before it starts its workers.
 
     Raises :class:`ClusterError` naming the spec and where a bad value came from."""
     try:
@@ -152,7 +154,7 @@ def plan_jobqueue(spec: ClusterConfig, worker_settings: dict[str, Any], closed_h
         processes = nprocesses_nthreads(int(cores))[0]
         merged["processes"] = (processes, f"{PACKAGE} for cores={cores}")
     _check_processes(spec, merged, int(processes), int(cores))
-    _add_lines(spec, options, merged, site, worker_settings, closed_http)
+    _add_lines(spec, options, merged, site, worker_settings, closed_http, worker_environ or {})
     merged = {k: v for k, v in merged.items() if v[0] not in (None, [], {}) or v[1] != PACKAGE}
     return JobqueuePlan(cls.__name__, options, dict(sorted(merged.items())), int(processes))
 
@@ -194,7 +196,8 @@ def _check_processes(spec: ClusterConfig, merged: dict[str, tuple[Any, str]], pr
 
 
 def _add_lines(spec: ClusterConfig, options: dict[str, Any], merged: dict[str, tuple[Any, str]],
-               site: dict[str, Any], worker_settings: dict[str, Any], closed_http: str) -> None:
+               site: dict[str, Any], worker_settings: dict[str, Any], closed_http: str,
+               worker_environ: dict[str, str]) -> None:
     """Add dasktrain's lines to the lists it extends, and its scheduler options, keeping the site's."""
 
     def extend(key: str, lines: list[str]) -> None:
@@ -210,8 +213,9 @@ def _add_lines(spec: ClusterConfig, options: dict[str, Any], merged: dict[str, t
 
     gpus = spec.gpus_per_job or spec.gpus_per_worker
     # A job's worker reads these settings from its environment.
-    extend("job_script_prologue", [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
-                                   for key, value in worker_settings.items()])
+    extend("job_script_prologue", [f"export {name}={value}" for name, value in worker_environ.items()]
+           + [f"export DASK_{key.upper().replace('.', '__').replace('-', '_')}={value}"
+              for key, value in worker_settings.items()])
     if gpus and spec.kind in GPU_DIRECTIVES:
         extend("job_extra_directives", [GPU_DIRECTIVES[spec.kind].format(n=gpus)])
     elif gpus and spec.kind == "pbs":

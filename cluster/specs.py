@@ -76,6 +76,11 @@ def open_cluster(spec: ClusterConfig, start_with: int | None = None) -> Iterator
         cluster.close()
 
 
+WORKER_ENVIRON = {"MALLOC_ARENA_MAX": "1"}
+"""Environment every worker process dasktrain starts gets (besides Dask's own): one glibc arena,
+so that the thread a worker trains in allocates from the main heap, as a plain PyTorch loop does
+(see :mod:`dasktrain.allocator` for what the per-thread arenas cost)."""
+
 LOOPBACK = "127.0.0.1"
 """The host every socket of a local cluster is bound to."""
 
@@ -102,8 +107,9 @@ LEAN_CONFIG = {
 
 def _start(spec: ClusterConfig, security: Security | None) -> tuple[Cluster, int]:
     # The scheduler reads its config when it starts (in this process, for every kind); nannies
-    # hand theirs to the workers they start, now and on a restart.
-    settings = {**(LEAN_CONFIG if spec.lean else {}), **({} if spec.dashboard else NO_DASHBOARD_CONFIG)}
+    # hand theirs to the workers they start, now and on a restart: their environment too.
+    settings = {**(LEAN_CONFIG if spec.lean else {}), **({} if spec.dashboard else NO_DASHBOARD_CONFIG),
+                **{f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENVIRON.items()}}
     with dask.config.set(settings), _workers_ignore_sigint():
         return _start_kind(spec, security)
 
@@ -192,7 +198,7 @@ def visible_gpus() -> int:
 def resolve_jobqueue(spec: ClusterConfig) -> JobqueuePlan:
     """The dask-jobqueue arguments of ``spec``, merged onto the site's ``jobqueue.<kind>`` Dask config
     (:mod:`dasktrain.cluster.jobqueue`), with dasktrain's worker settings added."""
-    return plan_jobqueue(spec, LEAN_CONFIG if spec.lean else {}, LOOPBACK_HTTP)
+    return plan_jobqueue(spec, LEAN_CONFIG if spec.lean else {}, LOOPBACK_HTTP, WORKER_ENVIRON)
 
 
 def jobqueue_script(spec: ClusterConfig) -> tuple[JobqueuePlan, str]:

@@ -125,8 +125,9 @@ def test_slurm_trains_on_two_worker_jobs_and_leaves_nothing(slurm: str, digits: 
     assert len(jobs) == 2 and all(state == "RUNNING" for _, state, _ in jobs), jobs
     workers = [pid for pid, cmd in seen["processes"].items() if "dask_worker" in cmd or "dask-worker" in cmd]
     assert workers, seen["processes"]
-    # cluster.lean reached the job's worker through its environment.
-    assert b"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in seen["environ"][workers[0]].split(b"\0")
+    # cluster.lean reached the job's worker through its environment, as did one glibc arena.
+    environ = seen["environ"][workers[0]].split(b"\0")
+    assert b"DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False" in environ and b"MALLOC_ARENA_MAX=1" in environ
     ids = {job[0] for job in jobs}
     # Afterwards: the jobs were cancelled and their processes are gone.
     assert wait_until(lambda: not squeue(name), 30), squeue(name)
@@ -207,6 +208,9 @@ def test_lean_turns_dask_housekeeping_down_in_the_workers_it_starts() -> None:
     for lean in (True, False):
         with open_cluster(ClusterConfig(workers=1, dashboard=False, lean=lean)) as client:
             seen[lean] = next(iter(client.run(lambda: [dask.config.get(k) for k in keys]).values()))
+            # Either way the worker process started with one glibc arena, and Dask's own variables.
+            environ = next(iter(client.run(lambda: dict(os.environ)).values()))
+            assert environ["MALLOC_ARENA_MAX"] == "1" and environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
     assert seen[True] == [False, "500ms"]
     assert seen[False] == [dask.config.get(keys[0]), dask.config.get(keys[1])] == [True, "20ms"]
 

@@ -55,6 +55,7 @@ def test_the_site_config_stands_under_the_shipped_spec_and_dasktrain_adds_its_li
                      "#SBATCH --constraint=site", "#SBATCH --gres=gpu:1"):
         assert expected in lines, (expected, lines)
     # The site's prologue first, then dasktrain's environment lines, then the worker.
+    assert lines.index("module load site-python") < lines.index("export MALLOC_ARENA_MAX=1") < len(lines) - 1
     assert lines.index("module load site-python") < lines.index(LEAN_LINE) < len(lines) - 1
     assert "--nthreads 4" in lines[-1] and "--nworkers" not in lines[-1]
     # Without a site config, the shipped spec's defaults.
