@@ -18,8 +18,9 @@ on the workers:
   rank stop at the same step when one failed) ride at the end of the same buffer and are summed
   with it; a rank reads them with the reduced gradient's sum in one host read per step, its loss
   values staying on the device until then (a non-finite loss sum, only, makes the ranks count
-  their micro-batches exactly). Every rank then applies the same update, or skips or stops alike. Every rank launches every bucket every step, failed or not, so
-  no rank is left waiting in an all-reduce the others never start.
+  their micro-batches exactly). Every rank then applies the same update, or skips or stops
+  alike. Every rank launches every bucket every step, failed or not, so no rank is left waiting
+  in an all-reduce the others never start.
 
 A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
 :data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
