@@ -7,12 +7,14 @@ and skip, saying why, without one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -24,6 +26,7 @@ import yaml
 from distributed import Client, Security
 from distributed.comm import connect
 
+from dasktrain.allocator import keep_freed_memory
 from dasktrain.cluster import open_cluster
 from dasktrain.config import ClusterConfig, validate_config
 from dasktrain.errors import ClusterError, ConfigError
@@ -213,6 +216,27 @@ def test_lean_turns_dask_housekeeping_down_in_the_workers_it_starts() -> None:
             assert environ["MALLOC_ARENA_MAX"] == "1" and environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
     assert seen[True] == [False, "500ms"]
     assert seen[False] == [dask.config.get(keys[0]), dask.config.get(keys[1])] == [True, "20ms"]
+
+
+def test_a_worker_thread_without_one_arena_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # What a worker of a cluster dasktrain did not start (an address cluster) logs once it trains.
+    said: dict[str, list[str]] = {}
+
+    def train_thread(name: str) -> None:
+        caplog.clear()
+        thread = threading.Thread(target=keep_freed_memory)
+        thread.start()
+        thread.join(timeout=10)
+        said[name] = [r.getMessage() for r in caplog.records if "MALLOC_ARENA_MAX" in r.getMessage()]
+
+    with caplog.at_level(logging.INFO, logger="dasktrain.allocator"):
+        monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+        train_thread("without")
+        monkeypatch.setenv("MALLOC_ARENA_MAX", "1")
+        train_thread("with")
+    assert len(said["without"]) == 1 and "started without MALLOC_ARENA_MAX=1" in said["without"][0]
+    assert said["with"] == []
 
 
 def test_unknown_kind_names_the_spec_file_and_field(tmp_path: Path) -> None:
