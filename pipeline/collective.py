@@ -221,9 +221,9 @@ class BucketedSum:
 
 _DEVICE_SLOTS = ("loss_sum", "correct")
 """Step numbers summed on the device (:class:`~dasktrain.step_core.DeviceTally`), in its order."""
-_HOST_SLOTS = ("count", "chunks_read", "data_wait_s", "compute_s", "failed")
-"""Step numbers the rank knows on the host, and whether its step failed."""
-SLOTS = len(_DEVICE_SLOTS) + len(_HOST_SLOTS)
+_HOST_SLOTS = ("count", "chunks_read", "data_wait_s", "compute_s")
+"""Step numbers the rank knows on the host; the last slot after them says whether its step failed."""
+SLOTS = len(_DEVICE_SLOTS) + len(_HOST_SLOTS) + 1
 """Entries after the gradients and running statistics in a rank's step buffer: the step's
 numbers, summed over the ranks with the running statistics (see :class:`BucketedSum`: in the one
 bucket of a small model), and read to the host with the reduced gradient's sum, in the step's one
@@ -345,21 +345,18 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
                 failure, flat = exc, replica.place.zeros(width + SLOTS)
             reduce_began = time.perf_counter()
             slots = flat[width:]  # the device slots were added to by the step's micro-batches
-            if group.size > 1:  # a group of one has nothing to sum: its numbers are on the host
-                for i, name in enumerate(_HOST_SLOTS, start=len(_DEVICE_SLOTS)):
-                    value = (1.0 if failure else 0.0) if name == "failed" else float(getattr(stats, name))
-                    if value:
-                        slots[i].fill_(value)  # a kernel: no host-to-device copy to wait for
+            host = [float(getattr(stats, name)) for name in _HOST_SLOTS] + [1.0 if failure else 0.0]
+            for i, value in enumerate(host, start=len(_DEVICE_SLOTS)):
+                if value:  # the buffer was zeroed
+                    slots[i].fill_(value)  # a kernel: no host-to-device copy to wait for
             for work in group.buckets.finish(flat) if group.buckets is not None else []:
                 work.wait()
             # The step's one host read: its summed numbers and the reduced gradient's sum.
-            *totals, total = torch.cat((slots, flat[:width].sum().reshape(1))).tolist()
+            *totals, failed, total = torch.cat((slots, flat[:width].sum().reshape(1))).tolist()
             summed = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, totals))
-            if group.size == 1:
-                summed.update({name: float(getattr(stats, name)) for name in _HOST_SLOTS if name != "failed"})
             if failure is not None:
                 raise failure
-            if summed.pop("failed"):
+            if failed:
                 raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
                                       "its error is the one this run reports")
             if not math.isfinite(summed["loss_sum"]):
