@@ -9,12 +9,14 @@ test_equivalence.py; the collective mode also against a killed worker and a NaN 
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from torch import nn
 
 from dasktrain.collective import BucketedSum
-from dasktrain.errors import ConfigError, NonFiniteLossError
+from dasktrain.errors import ConfigError, DataError, NonFiniteLossError
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
 from dasktrain.preflight import build_plan, resolve_splits
@@ -149,6 +151,20 @@ def test_collective_nan_on_one_rank_stops_every_rank_naming_the_step(tmp_path):
                if 5 * 64 + 3 in plan.epoch(t // plan.steps_per_epoch).global_batch(t % plan.steps_per_epoch))
     with local_client(2) as client, pytest.raises(NonFiniteLossError, match=f"loss is nan at global step {bad} "):
         train(config, client=client)
+
+
+def test_collective_data_error_on_one_rank_stops_every_rank_at_once(client, tmp_path):
+    # One rank's shard has a chunk missing: its step fails, and the failure flag it sends with the
+    # step's sums stops the other rank at the same step. Without it the other rank would update,
+    # then wait in the next step's all-reduce for a rank that is gone, until step_timeout (60 s).
+    store = write_store(tmp_path / "holed.zarr", example_arrays("digits"), chunk_size=64)
+    (store / "targets" / "c" / "7").unlink()
+    config = run_config(store, tmp_path / "run", train={"epochs": 1, "batch_size": 50, "shards": 4, "seed": 3,
+                                                          "reduce": "collective", "step_timeout": 60.0})
+    began = time.monotonic()
+    with pytest.raises(DataError, match=r"chunk 7 .* array 'targets' in store .*holed.zarr is missing"):
+        train(config, client=client)
+    assert time.monotonic() - began < 30
 
 
 def test_collective_skip_step_on_one_rank_skips_it_on_every_rank(tmp_path):
