@@ -200,15 +200,18 @@ def user_loss_sum(kind: str, per_sample: Any, samples: int) -> torch.Tensor:
 
 
 def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The configured torch optimizer (foreach kernels off: identical updates everywhere)."""
+    """The configured torch optimizer, with the implementation torch picks for the parameters'
+    device, as a plain PyTorch user gets it: one loop over the parameters on CPU (the same
+    arithmetic as the tests' reference loop), the ``foreach`` kernels on CUDA, which update every
+    parameter in a few launches instead of several per parameter. Replicas on one kind of device
+    run one implementation and update alike (CPU and CUDA kernels round differently anyway)."""
     if config.name == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=config.weight_decay, foreach=False,
+            weight_decay=config.weight_decay,
         )
     cls = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps,
-               weight_decay=config.weight_decay, foreach=False)
+    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
 
 
 def learning_rate(optimizer: OptimizerConfig, schedule: ScheduleConfig, step: int, total_steps: int) -> float:

@@ -203,7 +203,6 @@ def test_address_trains_on_a_running_scheduler_and_leaves_it_running(digits: Pat
 
 # -- bad specs ---------------------------------------------------------------------------------
 
-@pytest.mark.timeout(30)
 @pytest.mark.timeout(120)
 def test_lean_turns_dask_housekeeping_down_in_the_workers_it_starts() -> None:
     keys = ("distributed.worker.profile.enabled", "distributed.admin.tick.interval")
