@@ -15,8 +15,8 @@ on the workers:
   every rank computes its fused gradient, summed over the ranks in buckets launched from
   backward as each bucket is made (:class:`BucketedSum`, as torch's DDP does). The step's
   numbers (loss sum, correct count, sample count, times, and a failure flag that makes every
-  rank stop at the same step when one failed) ride at the end of the same buffer and are summed
-  with it; a rank reads them with the reduced gradient's sum in one host read per step, its loss
+  rank stop at the same step when one failed) ride at the head of the same buffer, in its last
+  bucket, and are summed with it; a rank reads them with the reduced gradient's sum in one host read per step, its loss
   values staying on the device until then (a non-finite loss sum, only, makes the ranks count
   their micro-batches exactly). Every rank then applies the same update, or skips or stops
   alike. Every rank launches every bucket every step, failed or not, so no rank is left waiting
@@ -96,6 +96,9 @@ class CollectiveGroup:
 
         self.buckets: BucketedSum | None = None
         """The replica's gradient buckets, for a group of more than one rank (see :func:`join_group`)."""
+        self.step: torch.Tensor | None = None
+        """The rank's step buffer: the step's numbers (:data:`SLOTS`), then the gradients and the
+        running statistics, which the replica accumulates into (see :func:`join_group`)."""
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over the ranks, in place; returns it (as it is, for a group of one)."""
@@ -123,11 +126,15 @@ so that the first all-reduce starts early in backward."""
 class BucketedSum:
     """One rank's gradient all-reduce, cut in buckets, each launched as soon as backward has made it.
 
-    A bucket is a run of parameters in the reverse order of the model's (about the order in which
-    backward finishes them), so each is one contiguous slice of the flat gradient buffer. As in
+    ``buffer`` holds ``head`` entries of the step's own numbers, then the parameters' gradients,
+    then what else the step sums (running statistics). A bucket is a run of parameters in the
+    reverse order of the model's (about the order in which backward finishes them), so each is
+    one contiguous slice of the buffer. As in
     torch's DDP, a bucket closes with the parameter that brings it to ``cap_bytes``
     (``train.bucket_mb``), the first one at :data:`FIRST_BUCKET_BYTES` already: the last layers'
-    gradients then travel while backward still works through the first layers. Every
+    gradients then travel while backward still works through the first layers. The last bucket,
+    whose gradients backward makes last, also takes the head, so the step's numbers cost no
+    all-reduce of their own: :meth:`finish` launches it, once the rank has written them. Every
     step, every rank launches every bucket once, in bucket order: one that backward finishes early
     waits for the ones before it, and what backward did not reach (a parameter the step did not
     use, a step that failed or was voided) is launched by :meth:`finish`. Ranks thus always pair
@@ -138,9 +145,12 @@ class BucketedSum:
     during the step's last one (:meth:`last_backward`), when each parameter's gradient is whole.
     """
 
-    def __init__(self, group: CollectiveGroup, params: list[nn.Parameter], width: int, cap_bytes: int) -> None:
+    def __init__(self, group: CollectiveGroup, params: list[nn.Parameter], buffer: torch.Tensor, head: int,
+                 cap_bytes: int) -> None:
         self.group = group
-        offsets = [0]
+        self.buffer = buffer
+        self._body = buffer[head:]
+        offsets = [head]
         for p in params:
             offsets.append(offsets[-1] + p.numel())
         self.spans: list[tuple[int, int]] = []
@@ -159,39 +169,43 @@ class BucketedSum:
             bucket_of[i] = len(self.spans) - 1
             limit = min(FIRST_BUCKET_BYTES, cap_bytes) if len(self.spans) == 1 else cap_bytes
             closed = 4 * (self.spans[-1][1] - self.spans[-1][0]) >= limit  # fp32 gradients
-        # What follows the gradients (running-statistics updates, the step's numbers) is whole
-        # only once the step ends, so :meth:`finish` launches it. A model of one bucket sends it
-        # in that bucket (one all-reduce per step, launched at the end of backward all the same);
-        # with more, it is a small all-reduce of its own, after the last bucket.
+        # The head and what follows the gradients (running-statistics updates) are whole only
+        # once the step ends, so :meth:`finish` launches them: the head in the last bucket, which
+        # backward finishes last anyway. A model of one bucket sends all of it in that bucket,
+        # one all-reduce per step; with more, running statistics are a small all-reduce of their own.
+        width = len(buffer)
         self.tail: tuple[int, int] | None = None
-        self.hooked = len(self.spans)
+        self.hooked = len(self.spans) - 1
         """Buckets before this one are launched by the hooks; the others by :meth:`finish`."""
         if len(self.spans) <= 1:
             self.spans, self.members, self.hooked = [(0, width)], [len(params)], 0
-        elif width > offsets[-1]:
-            self.tail = (offsets[-1], width)
+        else:
+            self.spans[-1] = (0, self.spans[-1][1])
+            if width > offsets[-1]:
+                self.tail = (offsets[-1], width)
         self._hooks = [p.register_post_accumulate_grad_hook(self._hook(bucket_of[i]))
                        for i, p in enumerate(params)] if self.hooked else []  # one bucket: no hooks to run
-        self._flat: torch.Tensor | None = None
+        self._armed = False
         self._missing: list[int] = []
         self._next = 0
         self._works: list[Any] = []
 
     def begin(self) -> None:
         """A new step: no bucket made, none launched."""
-        self._flat, self._missing, self._next, self._works = None, list(self.members), 0, []
+        self._armed, self._missing, self._next, self._works = False, list(self.members), 0, []
 
     def last_backward(self, flat: torch.Tensor) -> None:
-        self._flat = flat
+        if flat.data_ptr() != self._body.data_ptr():
+            raise DasktrainError("the replica accumulates its gradients outside the buffer its buckets sum")
+        self._armed = True
 
-    def finish(self, flat: torch.Tensor) -> list[Any]:
-        """Launch, on ``flat``, every bucket not launched yet (in order), then the tail; returns
-        the step's pending all-reduces."""
-        self._flat = flat
+    def finish(self) -> list[Any]:
+        """Launch every bucket not launched yet (in order), then the tail; returns the step's
+        pending all-reduces."""
         self._launch(len(self.spans))
         if self.tail is not None:
-            self._works.append(self.group.group.allreduce([flat[self.tail[0]:self.tail[1]]]))
-        works, self._works, self._flat = self._works, [], None
+            self._works.append(self.group.group.allreduce([self.buffer[self.tail[0]:self.tail[1]]]))
+        works, self._works, self._armed = self._works, [], False
         return works
 
     def close(self) -> None:
@@ -201,7 +215,7 @@ class BucketedSum:
 
     def _hook(self, bucket: int) -> Any:
         def made(_: torch.Tensor) -> None:
-            if self._flat is None:  # not the step's last backward pass
+            if not self._armed:  # not the step's last backward pass
                 return
             self._missing[bucket] -= 1
             if self._missing[bucket] == 0:
@@ -212,10 +226,9 @@ class BucketedSum:
         return made
 
     def _launch(self, upto: int) -> None:
-        assert self._flat is not None
         while self._next < upto:
             lo, hi = self.spans[self._next]
-            self._works.append(self.group.group.allreduce([self._flat[lo:hi]]))
+            self._works.append(self.group.group.allreduce([self.buffer[lo:hi]]))
             self._next += 1
 
 
@@ -224,10 +237,9 @@ _DEVICE_SLOTS = ("loss_sum", "correct")
 _HOST_SLOTS = ("count", "chunks_read", "data_wait_s", "compute_s")
 """Step numbers the rank knows on the host; the last slot after them says whether its step failed."""
 SLOTS = len(_DEVICE_SLOTS) + len(_HOST_SLOTS) + 1
-"""Entries after the gradients and running statistics in a rank's step buffer: the step's
-numbers, summed over the ranks with the running statistics (see :class:`BucketedSum`: in the one
-bucket of a small model), and read to the host with the reduced gradient's sum, in the step's one
-host read."""
+"""Entries before the gradients in a rank's step buffer: the step's numbers, summed over the
+ranks in the gradients' last bucket (see :class:`BucketedSum`), and read to the host with the
+reduced gradient's sum, in the step's one host read."""
 
 _GROUPS: Resident[CollectiveGroup] = Resident("process group", CollectiveGroup.close)
 """The process group of each run this worker is a rank of (freed with the run's replica)."""
@@ -296,14 +308,15 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
     _GROUPS.discard(run_id)  # the previous generation's group
     group = CollectiveGroup(prefixed, rank, size, host, replica.place.device, timeout)
     group.store = store
+    # A segment's step sums and applies its buffer before the next step: one buffer serves all,
+    # the step's numbers (SLOTS) first, then what the replica accumulates into, summed together.
+    group.step = replica.place.zeros(SLOTS + replica.width)
     if size > 1:
         cap = int(replica.spec.config.train.bucket_mb * 2**20)
-        group.buckets = BucketedSum(group, replica.params, replica.width + SLOTS, cap)
+        group.buckets = BucketedSum(group, replica.params, group.step, SLOTS, cap)
     replica.grad_sink = group.buckets
-    # A segment's step sums and applies its buffer before the next step: one buffer serves all,
-    # with the step's numbers after the gradients (SLOTS), summed by the same all-reduce.
-    replica.step_buffer = replica.place.zeros(replica.width + SLOTS)
-    replica.tally = DeviceTally(replica.step_buffer[replica.width : replica.width + len(_DEVICE_SLOTS)])
+    replica.step_buffer = group.step[SLOTS:]
+    replica.tally = DeviceTally(group.step[: len(_DEVICE_SLOTS)])
     _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 
@@ -325,8 +338,9 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
     """
     replica = get_replica(run_id)
     group = _GROUPS.find(run_id)
-    if group is None:
+    if group is None or group.step is None:
         raise DasktrainError(f"this worker's replica of run {run_id} has joined no process group")
+    slots, body = group.step[:SLOTS], group.step[SLOTS:]
     with replica.lock:
         if replica.applied != start:
             raise DasktrainError(f"replica out of step: asked for segment {start}-{stop} after {replica.applied} updates")
@@ -341,18 +355,22 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
             try:
                 grads = replica.local_grads(t, stats)  # launches the gradient buckets as backward makes them
                 (flat,) = grads.values()
+                if flat.data_ptr() != body.data_ptr():
+                    raise DasktrainError("the replica's step accumulated outside the group's step buffer")
             except Exception as exc:  # every rank must reach the all-reduces below, failed or not
-                failure, flat = exc, replica.place.zeros(width + SLOTS)
+                # What the buffer holds is summed all the same, and no rank applies it.
+                failure = exc
             reduce_began = time.perf_counter()
-            slots = flat[width:]  # the device slots were added to by the step's micro-batches
+            # The device slots were added to by the step's micro-batches; the host's go after them.
             host = [float(getattr(stats, name)) for name in _HOST_SLOTS] + [1.0 if failure else 0.0]
+            slots[len(_DEVICE_SLOTS):].zero_()
             for i, value in enumerate(host, start=len(_DEVICE_SLOTS)):
-                if value:  # the buffer was zeroed
+                if value:
                     slots[i].fill_(value)  # a kernel: no host-to-device copy to wait for
-            for work in group.buckets.finish(flat) if group.buckets is not None else []:
+            for work in group.buckets.finish() if group.buckets is not None else []:
                 work.wait()
             # The step's one host read: its summed numbers and the reduced gradient's sum.
-            *totals, failed, total = torch.cat((slots, flat[:width].sum().reshape(1))).tolist()
+            *totals, failed, total = torch.cat((slots, body[:width].sum().reshape(1))).tolist()
             summed = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, totals))
             if failure is not None:
                 raise failure
@@ -369,7 +387,7 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
             step_stats = _step_stats(summed, group.size)
             if step_stats.nonfinite and replica.spec.config.train.on_nan == "stop":
                 _stop_on_nonfinite(replica, t)
-            replica.apply_sum(t, flat[:width], step_stats, total)
+            replica.apply_sum(t, body[:width], step_stats, total)
             record = step_stats.as_dict()
             record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)
             steps.append(record)

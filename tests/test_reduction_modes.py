@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from torch import nn
 
 from dasktrain.collective import BucketedSum
@@ -95,25 +96,29 @@ def test_collective_on_three_workers_equals_single_process(store, tmp_path):
 def test_gradient_buckets_close_where_ddp_s_do():
     # Launch order runs from the last parameter back; as in DDP, a bucket closes with the
     # parameter that brings it to its limit: 1 MiB for the first, bucket_mb for the others.
+    # The buffer starts with H entries of the step's numbers, which ride in the last bucket.
+    H = 5
     mlp = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     params = list(mlp.parameters())  # 802816, 1024, 1048576, 1024, 10240, 10 entries
     total = 802816 + 1024 + 1048576 + 1024 + 10240 + 10
-    buckets = BucketedSum(None, params, total + 7, 25 * 2**20)
+    buckets = BucketedSum(None, params, torch.zeros(H + total + 7), H, 25 * 2**20)
     # 10 + 10240 + 1024 entries stay under 1 MiB; the 4 MiB weight of the second layer closes it.
-    assert buckets.spans == [(802816 + 1024, total), (0, 802816 + 1024)]
-    assert buckets.tail == (total, total + 7)  # what follows the gradients: its own all-reduce
+    assert buckets.spans == [(H + 802816 + 1024, H + total), (0, H + 802816 + 1024)]
+    assert buckets.hooked == 1  # the last bucket, with the head, waits for the step's end
+    assert buckets.tail == (H + total, H + total + 7)  # what follows the gradients: its own all-reduce
     buckets.close()
     # The first two layers' weights and the first bias: 1048576 entries close the first bucket
     # alone; then the bias (1024) and the weight (802816) stay together under 4 MiB...
-    head = BucketedSum(None, params[:3], 1852416, 4 * 2**20)
-    assert head.spans == [(803840, 1852416), (0, 803840)] and head.tail is None  # nothing follows
-    head.close()
+    two = BucketedSum(None, params[:3], torch.zeros(H + 1852416), H, 4 * 2**20)
+    assert two.spans == [(H + 803840, H + 1852416), (0, H + 803840)] and two.tail is None  # nothing follows
+    two.close()
     # ... and under a 1 KiB limit the bias closes a bucket of its own.
-    apart = BucketedSum(None, params[:3], 1852416, 2**10)
-    assert apart.spans == [(803840, 1852416), (802816, 803840), (0, 802816)]
+    apart = BucketedSum(None, params[:3], torch.zeros(H + 1852416), H, 2**10)
+    assert apart.spans == [(H + 803840, H + 1852416), (H + 802816, H + 803840), (0, H + 802816)]
+    assert apart.hooked == 2
     apart.close()
-    tiny = BucketedSum(None, params[4:], 10250 + 7, 25 * 2**20)  # one bucket: the tail rides in it
-    assert tiny.spans == [(0, 10250 + 7)] and tiny.tail is None and tiny.hooked == 0
+    tiny = BucketedSum(None, params[4:], torch.zeros(H + 10250 + 7), H, 25 * 2**20)  # one bucket: all of it
+    assert tiny.spans == [(0, H + 10250 + 7)] and tiny.tail is None and tiny.hooked == 0
     tiny.close()
 
 

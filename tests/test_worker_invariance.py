@@ -3,7 +3,7 @@
 Dropout masks are keyed by (seed, step, shard, piece), and BatchNorm's running statistics are
 reduced with the gradients (pipeline/running_stats.py documents the policy), so deterministic
 mode gives bitwise-equal weights *and buffers* on 1, 2 and 4 workers. The BatchNorm CNN is also
-held to its own single-process reference (tests/reference.py), a plain PyTorch loop that applies
+held (fast mode and ``reduce: collective`` too) to its own single-process reference (tests/reference.py), a plain PyTorch loop that applies
 the documented policy shard by shard; it takes only the plan's sample indices from dasktrain.
 """
 
@@ -44,6 +44,7 @@ def configs(digits_store, image_store, out, **train):
 def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_store, image_store, tmp_path):
     weights: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     fast: dict[str, torch.Tensor] = {}
+    collective: dict[float, dict[str, torch.Tensor]] = {}
     for workers in (1, 2, 4):
         runs = configs(digits_store, image_store, tmp_path / f"w{workers}")
         with local_client(workers) as client:
@@ -53,6 +54,13 @@ def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_st
                 fast_config = configs(digits_store, image_store, tmp_path / "fast", deterministic=False)["cnn-batchnorm"]
                 train(fast_config, client=client)
                 fast = saved_weights(tmp_path / "fast" / "cnn")
+                # The collective sums the running statistics with the gradients too: in the one
+                # bucket of this small model, and after many buckets of one parameter each.
+                for bucket_mb in (25.0, 1e-4):
+                    out = tmp_path / f"collective-{bucket_mb}"
+                    train(configs(digits_store, image_store, out, deterministic=False, reduce="collective",
+                                  bucket_mb=bucket_mb)["cnn-batchnorm"], client=client)
+                    collective[bucket_mb] = saved_weights(out / "cnn")
         weights[workers] = {name: saved_weights(c.output_dir) for name, c in runs.items()}
     for name in ("mlp-dropout", "cnn-batchnorm"):
         for workers in (2, 4):
@@ -65,3 +73,6 @@ def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_st
     expected = reference_weights(cnn_config, plan_shard_batches(cnn_config))
     assert max_relative_error(cnn, expected) < 1e-5
     assert max_relative_error(fast, expected) < 1e-5
+    for bucket_mb, summed in collective.items():
+        assert max_relative_error(summed, expected) < 1e-5, bucket_mb
+        assert torch.equal(summed["1.num_batches_tracked"], cnn["1.num_batches_tracked"]), bucket_mb
