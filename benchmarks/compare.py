@@ -11,6 +11,10 @@ and global batch (``--batch``) on the same synthetic Zarr store, written once pe
   would, shuffled once per epoch, ``workers x threads`` torch threads (the CPUs dasktrain gets);
 - ``DDP``: ``--workers`` processes of ``DistributedDataParallel`` over gloo, each with the whole
   store in memory, taking its slice of the same global batches, ``--threads`` torch threads each;
+- ``DDP in Dask`` (``--ddp-in-dask``): the same DDP loop, one rank per worker as a Dask task, on
+  the LocalCluster a dasktrain run starts. Its ratio to DDP is what Dask's worker processes
+  (their event loops, heartbeats, nannies, scheduler) cost any loop run inside them; dasktrain's
+  ratio to it is dasktrain's own;
 - ``dasktrain <mode>``: ``dasktrain.run_loop.train`` on a fresh LocalCluster of ``--workers`` worker
   processes of ``--threads`` threads each, for each mode of ``MODES`` (``--modes``):
   ``tree`` (``reduce: tree``, fast mode), ``tree-bf16`` (the same, ``grad_transfer: bf16``) and
@@ -74,6 +78,7 @@ import torch.nn.functional as F
 import zarr
 
 from dasktrain.allocator import keep_freed_memory
+from dasktrain.cluster.specs import open_cluster
 from dasktrain.config import RunConfig, validate_config
 from dasktrain.ingest import write_store
 from dasktrain.metrics import read_metrics
@@ -202,8 +207,10 @@ def run_plain(config: RunConfig, threads: int, steps: int, device: str, tuned: b
 
 # -- torch DDP -------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, threads: int, steps: int, out: Any,
-                tuned: bool = False) -> None:
+def _ddp_loop(rank: int, world: int, port: int, config: RunConfig, threads: int, steps: int,
+              tuned: bool) -> tuple[float, list[float], list[float]]:
+    """One rank of DDP as its users write it: when the loop began, when each step ended, and
+    each step's wait for its batch."""
     torch.set_num_threads(threads)
     if tuned:
         keep_freed_memory()
@@ -226,21 +233,25 @@ def _ddp_worker(rank: int, world: int, port: int, config: RunConfig, threads: in
             opt.step()
             ends.append(time.perf_counter())
             data_times.append(t1 - t0)
-        if rank == 0:
-            out.put((began, ends, data_times))
+        return began, ends, data_times
     finally:
         dist.destroy_process_group()
 
 
-def run_ddp(config: RunConfig, world: int, threads: int, steps: int, tuned: bool = False) -> Timing:
+def _ddp_process(rank: int, world: int, port: int, config: RunConfig, threads: int, steps: int, out: Any,
+                 tuned: bool = False) -> None:
+    timed = _ddp_loop(rank, world, port, config, threads, steps, tuned)
+    if rank == 0:
+        out.put(timed)
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    mp.start_processes(_ddp_worker, args=(world, port, config, threads, steps, out, tuned), nprocs=world, join=True,
-                       start_method="spawn")
-    began, ends, data_times = out.get(timeout=60)
+        return int(s.getsockname()[1])
+
+
+def _ddp_timing(config: RunConfig, began: float, ends: list[float], data_times: list[float]) -> Timing:
     # No barrier inside the loop, as DDP users run it: the all-reduce in backward keeps the ranks
     # in step. Its time per step is wall time over the steady-state steps (the second half), as a
     # DDP user would measure it, not a median of single steps.
@@ -248,6 +259,29 @@ def run_ddp(config: RunConfig, world: int, threads: int, steps: int, tuned: bool
     start = ends[half - 1] if half > 0 else began
     step = (ends[-1] - start) / (len(ends) - half)
     return _timing(config.train.batch_size, [step] * len(ends), data_times, None)
+
+
+def run_ddp(config: RunConfig, world: int, threads: int, steps: int, tuned: bool = False) -> Timing:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_ddp_process, args=(world, _free_port(), config, threads, steps, out, tuned), nprocs=world,
+                       join=True, start_method="spawn")
+    return _ddp_timing(config, *out.get(timeout=60))
+
+
+def run_ddp_in_dask(config: RunConfig, threads: int, steps: int, tuned: bool = False) -> Timing:
+    """The same DDP loop, one rank per worker as a Dask task, on the cluster a dasktrain run of
+    ``config`` starts (same worker processes, environment and housekeeping). Its ratio to plain
+    DDP is what running inside Dask workers costs any training loop; dasktrain's ratio to it is
+    dasktrain's own."""
+    with open_cluster(config.cluster) as client:
+        workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
+        port = _free_port()
+        ranks = [client.submit(_ddp_loop, rank, len(workers), port, config, threads, steps, tuned,
+                               workers=[addr], allow_other_workers=False, pure=False)
+                 for rank, addr in enumerate(workers)]
+        timed = client.gather(ranks)
+    return _ddp_timing(config, *timed[0])
 
 
 # -- dasktrain -------------------------------------------------------------------------------------
@@ -323,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     parser.add_argument("--tuned-baselines", action="store_true",
                         help="give plain and DDP the allocator setting dasktrain workers use (pipeline/allocator.py)")
+    parser.add_argument("--ddp-in-dask", action="store_true",
+                        help="also run the DDP loop as one Dask task per worker, on the cluster dasktrain starts")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
@@ -345,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plain_key = f"plain PyTorch (1 process, {args.workers * args.threads} threads)"
     ddp_key = f"torch DDP gloo ({args.workers} processes)" if args.device == "cpu" else None
+    in_dask_key = f"torch DDP gloo in Dask ({args.workers} workers)" if ddp_key and args.ddp_in_dask else None
     kind = "local-cuda" if importlib.util.find_spec("dask_cuda") else "local"
     where = f"{args.workers} workers" if args.device == "cpu" else f"1 GPU worker, {kind}"
     results: dict[str, list[Timing | str]] = {}
@@ -363,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             attempt(plain_key, run_plain, base, args.workers * args.threads, steps, args.device, args.tuned_baselines)
             if ddp_key:
                 attempt(ddp_key, run_ddp, base, args.workers, args.threads, steps, args.tuned_baselines)
+            if in_dask_key:
+                attempt(in_dask_key, run_ddp_in_dask, base, args.threads, steps, args.tuned_baselines)
             for mode in modes:
                 cfg = bench_config(args, store, Path(tmp) / f"r{repeat}-{mode}", mode)
                 attempt(f"dasktrain {mode} ({where})", run_dasktrain, cfg)

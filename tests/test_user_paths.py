@@ -82,11 +82,11 @@ def test_example_script_trains_the_shipped_example_to_95_percent_with_the_local_
 def test_benchmark_runner_prints_every_contender(tmp_path):
     figures = tmp_path / "bench.json"
     command = [sys.executable, "-m", "benchmarks", "--model", "mlp", "--workers", "2", "--batch", "64",
-               "--samples", "256", "--epochs", "1", "--repeats", "1", "--out", str(figures)]
+               "--samples", "256", "--epochs", "1", "--repeats", "1", "--ddp-in-dask", "--out", str(figures)]
     code, output = run_command(command, dict(os.environ), timeout=240)
     context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
     assert code == 0, context
-    expected = ["plain PyTorch (1 process, 2 threads)", "torch DDP gloo (2 processes)",
+    expected = ["plain PyTorch (1 process, 2 threads)", "torch DDP gloo (2 processes)", "torch DDP gloo in Dask (2 workers)",
                 *(f"dasktrain {mode} (2 workers)" for mode in MODES)]
     results = json.loads(figures.read_text())["results"]
     assert sorted(results) == sorted(expected), context
