@@ -78,10 +78,17 @@ class StepCore:
         into the buffer the workers sum, and the optimizer reads the reduced one in place.
 
         A buffer bound already (one that serves every step) is not bound again: a view per
-        parameter per step is Python work a plain loop does not do. Should anything have reset
-        the gradients since (``zero_grad()`` sets them to None), they are bound again."""
-        if flat is self.bound and (not self.params or self.params[0].grad is not None):
-            return
+        parameter per step is Python work a plain loop does not do, and grows with the number
+        of parameters. "Already" is by memory, not by tensor object: a collective step binds its
+        buffer for backward, then a slice of it (a new object, the same memory) for the update.
+        The gradients' views keep that memory alive, so no other buffer can take its address.
+        Should anything have replaced the gradients since (``zero_grad()`` sets them to None),
+        they are bound again."""
+        bound = self.bound
+        if bound is not None and flat.data_ptr() == bound.data_ptr() and flat.device == bound.device:
+            first = self.params[0].grad if self.params else bound
+            if first is not None and first.data_ptr() == bound.data_ptr():
+                return
         for p, view in zip(self.params, flat[: self.numel].split(self.sizes)):
             p.grad = view.view_as(p)
         self.bound = flat

@@ -77,6 +77,25 @@ def test_bound_buffer_collects_every_backward(tmp_path):
     assert not flat[core.numel:].any()
 
 
+def test_a_buffer_is_bound_once_whatever_tensor_object_names_it(tmp_path):
+    core, model, _ = _core(tmp_path)
+    flat = torch.zeros(core.numel + 5)
+    core.bind(flat)
+    views = [p.grad for p in model.parameters()]
+    core.bind(flat[: core.numel])  # the same memory, as a collective step names it for the update
+    assert all(p.grad is v for p, v in zip(model.parameters(), views))
+    model.zero_grad()  # gradients set to None: bound again, into the same buffer
+    core.bind(flat[: core.numel])
+    model(torch.ones(2, 3)).sum().backward()
+    assert flat[: core.numel].any() and not flat[core.numel:].any()
+    other = torch.zeros(core.numel)  # another buffer: the gradients follow it
+    core.bind(other)
+    start, end = other.data_ptr(), other.data_ptr() + other.numel() * other.element_size()
+    assert all(start <= p.grad.data_ptr() < end for p in model.parameters())
+    model(torch.ones(2, 3)).sum().backward()
+    assert other.any()
+
+
 def test_update_steps_with_the_scheduled_learning_rate(tmp_path):
     core, model, config = _core(tmp_path, name="warmup_cosine", warmup_steps=2)
     before = [p.detach().clone() for p in model.parameters()]
