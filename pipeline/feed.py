@@ -1,9 +1,10 @@
 """A worker's data feed: its shards' samples for each step, read chunk-aligned and prefetched.
 
 Each owned shard streams its windows (groups of chunks shuffled together) in plan order. A
-window is assembled once, on a background thread; while a step consumes window ``w`` the next
-window is already being assembled, so reading and decompression stay off the critical path.
-Windows behind the stream position are dropped.
+window is assembled once, on a background thread; while a step consumes its windows the next
+step's are already being assembled (as many windows after the step's last as the step took, into
+the next epoch at an epoch's end), so reading and decompression stay off the critical path even
+when a step spans several small windows. Windows behind the stream position are dropped.
 
 Without a cache a window's chunks are read from the store every epoch. With a
 :class:`~dasktrain.cache.ChunkCache` (``data.cache``) each chunk is read once and then taken from
@@ -164,7 +165,7 @@ class ShardFeed:
             pieces_x.append(rows.take(x, lo, hi))
             pieces_y.append(rows.take(y, lo, hi))
         self._forget_before(epoch, shard, first)
-        self._prefetch_after(epoch, shard, last)
+        self._prefetch_after(epoch, shard, last, last - first + 1)
         return rows.concat(pieces_x), rows.concat(pieces_y)
 
     def _empty(self) -> Batch:
@@ -201,15 +202,19 @@ class ShardFeed:
         self.reads += 1  # one prefetch thread: no other writer
         return self.reader.read(chunk)
 
-    def _prefetch_after(self, epoch: int, shard: int, w: int) -> None:
-        if w + 1 < len(self.plan.epoch(epoch).windows[shard]):
-            nxt = (epoch, shard, w + 1)
-        elif epoch + 1 < self.epochs:
-            nxt = (epoch + 1, shard, 0)
-        else:
-            return
-        if nxt not in self._windows:
-            self._windows[nxt] = self._pool.submit(self._read_window, nxt)
+    def _prefetch_after(self, epoch: int, shard: int, w: int, count: int) -> None:
+        """Start assembling the ``count`` windows after window ``w`` of ``epoch``, into the next
+        epoch's first windows when this epoch ends (about the next step's share of the shard)."""
+        for _ in range(count):
+            if w + 1 < len(self.plan.epoch(epoch).windows[shard]):
+                w += 1
+            elif epoch + 1 < self.epochs:
+                epoch, w = epoch + 1, 0
+            else:
+                return
+            key = (epoch, shard, w)
+            if key not in self._windows:
+                self._windows[key] = self._pool.submit(self._read_window, key)
 
     def _forget_before(self, epoch: int, shard: int, w: int) -> None:
         for key in [k for k in self._windows if k[1] == shard and (k[0], k[2]) < (epoch, w)]:

@@ -8,6 +8,7 @@ reference loop.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from contextlib import closing
 from pathlib import Path
@@ -102,6 +103,29 @@ def test_uncached_feed_serves_the_plan(dataset: DatasetInfo, plan: SamplingPlan,
         for s, (x, y) in zip(OWNED, step):
             idx = plan.epoch(epoch).samples_of(k, s)
             assert np.array_equal(x, inputs[idx]) and np.array_equal(y, targets[idx])
+
+
+@pytest.mark.timeout(60)
+def test_a_step_spanning_several_windows_has_the_next_steps_windows_read_ahead(dataset: DatasetInfo) -> None:
+    # Windows of one chunk (50 samples) and 120 samples per shard and step: a step spans three
+    # windows or more. While step 0 trains, every chunk of step 1 is read, not one window's only.
+    plan = SamplingPlan(dataset.chunks(), shards=4, batch_size=480, seed=5, shuffle_window=1, deal_once=True)
+    epoch, shard = plan.epoch(0), 1
+
+    def chunks_of(step: int) -> set[int]:
+        start, stop = epoch.shard_span(step, shard)
+        return {c.index for first, window in zip(epoch.window_starts[shard], epoch.windows[shard])
+                if first < stop and first + len(window.order) > start for c in window.chunks}
+
+    reader = CountingReader(dataset)
+    with closing(ShardFeed(plan, reader, (shard,), 1)) as feed:
+        feed.step_batches(0, 0)
+        wanted = chunks_of(1)
+        assert len(wanted - chunks_of(0)) >= 2  # more than the one window after step 0's last
+        deadline = time.monotonic() + 10
+        while not wanted <= set(reader.reads) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert wanted <= set(reader.reads), (sorted(wanted), sorted(reader.reads))
 
 
 @pytest.mark.timeout(60)
