@@ -148,6 +148,9 @@ class Replica:
         self.feed = ShardFeed(self.plan, open_reader(spec.dataset, cfg.data), spec.shards, cfg.train.epochs, cache)
         self._val_reader = open_reader(spec.val_dataset, cfg.data) if spec.val_dataset and spec.val_chunks else None
         self._val_cache: list[Batch] | None = None
+        self._train_mode = False
+        """Whether the whole model was put in training mode since the last validation: once per
+        stretch of steps, not once per step (a walk over every module of a large model)."""
         self.grad_sink: GradSink | None = None
         """Told when a step's last backward pass starts (``reduce: collective`` then sums each
         bucket of gradients as soon as backward has made it: see :mod:`dasktrain.collective`)."""
@@ -232,7 +235,9 @@ class Replica:
         stats.data_wait_s = self.feed.take_wait()
         stats.chunks_read = self.feed.take_reads()
         t1 = time.perf_counter()
-        self.model.train()
+        if not self._train_mode:
+            self.model.train()
+            self._train_mode = True
         if self.tally is not None:
             self.tally.clear()
         if cfg.train.ledger:
@@ -269,7 +274,8 @@ class Replica:
         for u, (shard, (x_all, y_all)) in enumerate(units):
             size = rows.count(x_all)
             pieces = pieces_of[u]
-            bounds = np.linspace(0, size, pieces + 1).round().astype(int)
+            # One piece (no accumulation) spans the batch; more split it as evenly as rounding allows.
+            bounds = (0, size) if pieces == 1 else np.linspace(0, size, pieces + 1).round().astype(int)
             for piece, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
                 self.core.seed(t, shard, piece)
                 self.running.begin_unit()
@@ -337,6 +343,7 @@ class Replica:
         if self._val_reader is None:
             return
         self.model.eval()
+        self._train_mode = False
         with torch.no_grad():
             for x_np, y_np in self._val_batches():
                 x, y = self._on_device(x_np, y_np, "val_")

@@ -3,8 +3,10 @@
 Dropout masks are keyed by (seed, step, shard, piece), and BatchNorm's running statistics are
 reduced with the gradients (pipeline/running_stats.py documents the policy), so deterministic
 mode gives bitwise-equal weights *and buffers* on 1, 2 and 4 workers. The BatchNorm CNN is also
-held (fast mode and ``reduce: collective`` too) to its own single-process reference (tests/reference.py), a plain PyTorch loop that applies
-the documented policy shard by shard; it takes only the plan's sample indices from dasktrain.
+held (fast mode and ``reduce: collective`` too) to its own single-process reference
+(tests/reference.py), a plain PyTorch loop that applies the documented policy shard by shard; it
+takes only the plan's sample indices from dasktrain. A run that validates between epochs draws
+dropout masks again afterwards, bitwise as a run resumed from the first epoch's checkpoint does.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_st
     weights: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
     fast: dict[str, torch.Tensor] = {}
     collective: dict[float, dict[str, torch.Tensor]] = {}
+    after_validation: dict[str, dict[str, torch.Tensor]] = {}
     for workers in (1, 2, 4):
         runs = configs(digits_store, image_store, tmp_path / f"w{workers}")
         with local_client(workers) as client:
@@ -56,6 +59,17 @@ def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_st
                 fast = saved_weights(tmp_path / "fast" / "cnn")
                 # The collective sums the running statistics with the gradients too: in the one
                 # bucket of this small model, and after many buckets of one parameter each.
+                # Dropout over two epochs with a validation between them: a run that goes on after
+                # validating trains its second epoch as one resumed from the first epoch's
+                # checkpoint, which starts on a fresh replica: with its dropout masks, bitwise.
+                for name, parts in (("straight", [None]), ("resumed", [1, None])):
+                    validated = run_config(digits_store, tmp_path / name, optimizer=ADAMW, train={
+                        **TRAIN, "epochs": 2, "deterministic": False}, data={"validation": {"fraction": 0.2}},
+                        model=configs(digits_store, image_store, tmp_path)["mlp-dropout"].model.model_dump())
+                    for i, until in enumerate(parts):
+                        result = train(validated, client=client, resume=i > 0, until_epoch=until)
+                        assert result.epochs and result.epochs[-1]["val_samples"] > 0
+                    after_validation[name] = saved_weights(tmp_path / name)
                 for bucket_mb in (25.0, 1e-4):
                     out = tmp_path / f"collective-{bucket_mb}"
                     train(configs(digits_store, image_store, out, deterministic=False, reduce="collective",
@@ -73,6 +87,9 @@ def test_dropout_and_batchnorm_are_bitwise_equal_for_1_2_and_4_workers(digits_st
     expected = reference_weights(cnn_config, plan_shard_batches(cnn_config))
     assert max_relative_error(cnn, expected) < 1e-5
     assert max_relative_error(fast, expected) < 1e-5
+    assert after_validation["straight"].keys() == after_validation["resumed"].keys()
+    for key, value in after_validation["straight"].items():
+        assert torch.equal(value, after_validation["resumed"][key]), key
     for bucket_mb, summed in collective.items():
         assert max_relative_error(summed, expected) < 1e-5, bucket_mb
         assert torch.equal(summed["1.num_batches_tracked"], cnn["1.num_batches_tracked"]), bucket_mb
