@@ -16,9 +16,9 @@ on the workers:
   backward as each bucket is made (:class:`BucketedSum`, as torch's DDP does). The step's
   numbers (loss sum, correct count, sample count, times, and a failure flag that makes every
   rank stop at the same step when one failed) ride at the head of the same buffer, in its last
-  bucket, and are summed with it; a rank reads them with the reduced gradient's sum in one host read per step, its loss
-  values staying on the device until then (a non-finite loss sum, only, makes the ranks count
-  their micro-batches exactly). Every rank then applies the same update, or skips or stops
+  bucket, and are summed with it; a rank reads them with the reduced gradient's sum in one host
+  read per step, its loss values staying on the device until then (a non-finite loss sum, only,
+  makes the ranks count their micro-batches exactly). Every rank then applies the same update, or skips or stops
   alike. Every rank launches every bucket every step, failed or not, so no rank is left waiting
   in an all-reduce the others never start.
 
@@ -129,17 +129,17 @@ class BucketedSum:
     ``buffer`` holds ``head`` entries of the step's own numbers, then the parameters' gradients,
     then what else the step sums (running statistics). A bucket is a run of parameters in the
     reverse order of the model's (about the order in which backward finishes them), so each is
-    one contiguous slice of the buffer. As in
-    torch's DDP, a bucket closes with the parameter that brings it to ``cap_bytes``
-    (``train.bucket_mb``), the first one at :data:`FIRST_BUCKET_BYTES` already: the last layers'
-    gradients then travel while backward still works through the first layers. The last bucket,
-    whose gradients backward makes last, also takes the head, so the step's numbers cost no
-    all-reduce of their own: :meth:`finish` launches it, once the rank has written them. Every
-    step, every rank launches every bucket once, in bucket order: one that backward finishes early
-    waits for the ones before it, and what backward did not reach (a parameter the step did not
-    use, a step that failed or was voided) is launched by :meth:`finish`. Ranks thus always pair
-    their all-reduces, whatever happened on one of them; the sums are the same as one all-reduce
-    of the whole buffer, element by element.
+    one contiguous slice of the buffer. As in torch's DDP, a bucket closes with the parameter
+    that brings it to ``cap_bytes`` (``train.bucket_mb``), the first one at
+    :data:`FIRST_BUCKET_BYTES` already: the last layers' gradients then travel while backward
+    still works through the first layers. The last bucket, whose gradients backward makes last,
+    also takes the head, so the step's numbers cost no all-reduce of their own: :meth:`finish`
+    launches it, once the rank has written them. Every step, every rank launches every bucket
+    once, in bucket order: one that backward finishes early waits for the ones before it, and
+    what backward did not reach (a parameter the step did not use, a step that failed or was
+    voided) is launched by :meth:`finish`. Ranks thus always pair their all-reduces, whatever
+    happened on one of them; the sums are the same as one all-reduce of the whole buffer,
+    element by element.
 
     Hooks (``register_post_accumulate_grad_hook``) fire for every backward pass; they only count
     during the step's last one (:meth:`last_backward`), when each parameter's gradient is whole.
