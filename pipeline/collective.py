@@ -18,9 +18,9 @@ on the workers:
   rank stop at the same step when one failed) ride at the head of the same buffer, in its last
   bucket, and are summed with it; a rank reads them with the reduced gradient's sum in one host
   read per step, its loss values staying on the device until then (a non-finite loss sum, only,
-  makes the ranks count their micro-batches exactly). Every rank then applies the same update, or skips or stops
-  alike. Every rank launches every bucket every step, failed or not, so no rank is left waiting
-  in an all-reduce the others never start.
+  makes the ranks count their micro-batches exactly). Every rank then applies the same update,
+  or skips or stops alike. Every rank launches every bucket every step, failed or not, so no
+  rank is left waiting in an all-reduce the others never start.
 
 A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
 :data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
@@ -149,7 +149,6 @@ class BucketedSum:
                  cap_bytes: int) -> None:
         self.group = group
         self.buffer = buffer
-        self._body = buffer[head:]
         offsets = [head]
         for p in params:
             offsets.append(offsets[-1] + p.numel())
@@ -195,8 +194,7 @@ class BucketedSum:
         self._armed, self._missing, self._next, self._works = False, list(self.members), 0, []
 
     def last_backward(self, flat: torch.Tensor) -> None:
-        if flat.data_ptr() != self._body.data_ptr():
-            raise DasktrainError("the replica accumulates its gradients outside the buffer its buckets sum")
+        # ``flat`` is the buffer's body (``run_segment`` checks it, every step, for any group size).
         self._armed = True
 
     def finish(self) -> list[Any]:
