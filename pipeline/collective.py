@@ -16,11 +16,14 @@ on the workers:
   backward as each bucket is made (:class:`BucketedSum`, as torch's DDP does). The step's
   numbers (loss sum, correct count, sample count, times, and a failure flag that makes every
   rank stop at the same step when one failed) ride at the head of the same buffer, in its last
-  bucket, and are summed with it; a rank reads them with the reduced gradient's sum in one host
-  read per step, its loss values staying on the device until then (a non-finite loss sum, only,
-  makes the ranks count their micro-batches exactly). Every rank then applies the same update,
-  or skips or stops alike. Every rank launches every bucket every step, failed or not, so no
-  rank is left waiting in an all-reduce the others never start.
+  bucket, and are summed with it. Under ``train.host_reads: step`` a rank reads them with the
+  reduced gradient's sum in one host read per step, its loss values staying on the device until
+  then (a non-finite loss sum, only, makes the ranks count their micro-batches exactly), and
+  every rank then applies the same update, or skips or stops alike. Under ``segment`` (the
+  default on a GPU) nothing is read until the segment's end: each rank decides each update on
+  the device, alike, and the ranks stop at the first failed step when they read the segment's
+  table. Every rank launches every bucket every step, failed or not, so no rank is left waiting
+  in an all-reduce the others never start.
 
 A lost worker leaves the others blocked until the group's timeout (``train.step_timeout``, or
 :data:`DEFAULT_TIMEOUT_S`); the driver then regroups as in tree mode, with a new group.
@@ -50,7 +53,7 @@ from distributed import get_worker
 from distributed.comm import get_address_host
 from torch import nn
 
-from dasktrain.errors import DasktrainError
+from dasktrain.errors import DasktrainError, NonFiniteLossError
 from dasktrain.reduce import StepStats
 from dasktrain.registry import Resident
 from dasktrain.replica import Replica, get_replica
@@ -230,14 +233,18 @@ class BucketedSum:
             self._next += 1
 
 
-_DEVICE_SLOTS = ("loss_sum", "correct")
-"""Step numbers summed on the device (:class:`~dasktrain.step_core.DeviceTally`), in its order."""
+_DEVICE_SLOTS = ("loss_sum", "correct", "nonfinite")
+"""Step numbers summed on the device, in :class:`~dasktrain.step_core.DeviceTally`'s order: it
+adds to the first two every micro-batch; the count of non-finite losses is written by its
+:meth:`~dasktrain.step_core.DeviceTally.settle` (``host_reads: segment``), else stays 0."""
+_TALLIED = 2
 _HOST_SLOTS = ("count", "chunks_read", "data_wait_s", "compute_s")
 """Step numbers the rank knows on the host; the last slot after them says whether its step failed."""
 SLOTS = len(_DEVICE_SLOTS) + len(_HOST_SLOTS) + 1
 """Entries before the gradients in a rank's step buffer: the step's numbers, summed over the
 ranks in the gradients' last bucket (see :class:`BucketedSum`), and read to the host with the
-reduced gradient's sum, in the step's one host read."""
+reduced gradient's sum, once per step or once per segment (``train.host_reads``)."""
+_NONFINITE, _COUNT, _FAILED = len(_DEVICE_SLOTS) - 1, len(_DEVICE_SLOTS), SLOTS - 1
 
 _GROUPS: Resident[CollectiveGroup] = Resident("process group", CollectiveGroup.close)
 """The process group of each run this worker is a rank of (freed with the run's replica)."""
@@ -314,7 +321,7 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
         group.buckets = BucketedSum(group, replica.params, group.step, SLOTS, cap)
     replica.grad_sink = group.buckets
     replica.step_buffer = group.step[SLOTS:]
-    replica.tally = DeviceTally(group.step[: len(_DEVICE_SLOTS)])
+    replica.tally = DeviceTally(group.step[:_TALLIED])
     _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 
@@ -338,57 +345,11 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
     group = _GROUPS.find(run_id)
     if group is None or group.step is None:
         raise DasktrainError(f"this worker's replica of run {run_id} has joined no process group")
-    slots, body = group.step[:SLOTS], group.step[SLOTS:]
     with replica.lock:
         if replica.applied != start:
             raise DasktrainError(f"replica out of step: asked for segment {start}-{stop} after {replica.applied} updates")
-        steps = []
-        width = replica.width
-        for t in range(start, stop):
-            began = time.perf_counter()
-            stats = StepStats()
-            failure: Exception | None = None
-            if group.buckets is not None:
-                group.buckets.begin()
-            try:
-                grads = replica.local_grads(t, stats)  # launches the gradient buckets as backward makes them
-                (flat,) = grads.values()
-                if flat.data_ptr() != body.data_ptr():
-                    raise DasktrainError("the replica's step accumulated outside the group's step buffer")
-            except Exception as exc:  # every rank must reach the all-reduces below, failed or not
-                # What the buffer holds is summed all the same, and no rank applies it.
-                failure = exc
-            reduce_began = time.perf_counter()
-            # The device slots were added to by the step's micro-batches; the host's go after them.
-            host = [float(getattr(stats, name)) for name in _HOST_SLOTS] + [1.0 if failure else 0.0]
-            slots[len(_DEVICE_SLOTS):].zero_()
-            for i, value in enumerate(host, start=len(_DEVICE_SLOTS)):
-                if value:
-                    slots[i].fill_(value)  # a kernel: no host-to-device copy to wait for
-            for work in group.buckets.finish() if group.buckets is not None else []:
-                work.wait()
-            # The step's one host read: its summed numbers and the reduced gradient's sum.
-            *totals, failed, total = torch.cat((slots, body[:width].sum().reshape(1))).tolist()
-            summed = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, totals))
-            if failure is not None:
-                raise failure
-            if failed:
-                raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
-                                      "its error is the one this run reports")
-            if not math.isfinite(summed["loss_sum"]):
-                # Some rank's loss was not finite (every rank sees the same sum): count as the
-                # micro-batches' own policy does, and sum those counts too.
-                assert replica.tally is not None
-                exact = group.sum_(torch.tensor(replica.tally.exact(), dtype=torch.float64, device=group.device))
-                summed["loss_sum"], summed["correct"], summed["nonfinite"] = exact.tolist()
-            reduced_s = time.perf_counter() - reduce_began
-            step_stats = _step_stats(summed, group.size)
-            if step_stats.nonfinite and replica.spec.config.train.on_nan == "stop":
-                _stop_on_nonfinite(replica, t)
-            replica.apply_sum(t, body[:width], step_stats, total)
-            record = step_stats.as_dict()
-            record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)
-            steps.append(record)
+        steps = _steps_read_per_segment(replica, group, start, stop) if replica.reads_per_segment \
+            else _steps_read_per_step(replica, group, start, stop)
         result: dict[str, Any] = {"steps": steps, "val": None}
         if end.validate:
             val = StepStats()
@@ -405,6 +366,160 @@ def run_segment(run_id: str, start: int, stop: int, end: SegmentEnd, after: Any 
         if end.checkpoint is not None:
             replica.write_checkpoint(stop, end.checkpoint)
         return result
+
+
+def _steps_read_per_step(replica: Replica, group: CollectiveGroup, start: int, stop: int) -> list[dict[str, Any]]:
+    """Steps ``[start, stop)``, each ending in one host read of its summed numbers, from which
+    every rank decides its update (``train.host_reads: step``)."""
+    assert group.step is not None and replica.tally is not None
+    slots, body = group.step[:SLOTS], group.step[SLOTS:]
+    steps = []
+    width = replica.width
+    for t in range(start, stop):
+        began = time.perf_counter()
+        stats = StepStats()
+        failure: Exception | None = None
+        if group.buckets is not None:
+            group.buckets.begin()
+        try:
+            grads = replica.local_grads(t, stats)  # launches the gradient buckets as backward makes them
+            (flat,) = grads.values()
+            if flat.data_ptr() != body.data_ptr():
+                raise DasktrainError("the replica's step accumulated outside the group's step buffer")
+        except Exception as exc:  # every rank must reach the all-reduces below, failed or not
+            # What the buffer holds is summed all the same, and no rank applies it.
+            failure = exc
+        reduce_began = time.perf_counter()
+        # The tallied slots were added to by the step's micro-batches; the host's go after them.
+        _write_host_slots(slots, stats, failure)
+        _sum_step(group)
+        # The step's one host read: its summed numbers and the reduced gradient's sum.
+        *totals, failed, total = torch.cat((slots, body[:width].sum().reshape(1))).tolist()
+        summed = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, totals))
+        if failure is not None:
+            raise failure
+        if failed:
+            raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
+                                  "its error is the one this run reports")
+        if not math.isfinite(summed["loss_sum"]):
+            # Some rank's loss was not finite (every rank sees the same sum): count as the
+            # micro-batches' own policy does, and sum those counts too.
+            exact = group.sum_(torch.tensor(replica.tally.exact(), dtype=torch.float64, device=group.device))
+            summed["loss_sum"], summed["correct"], summed["nonfinite"] = exact.tolist()
+        reduced_s = time.perf_counter() - reduce_began
+        step_stats = _step_stats(summed, group.size)
+        if step_stats.nonfinite and replica.spec.config.train.on_nan == "stop":
+            first = replica.tally.first_nonfinite()
+            _stop_on_nonfinite(replica, t, None if first is None else first[0])
+        replica.apply_sum(t, body[:width], step_stats, total)
+        record = step_stats.as_dict()
+        record.update(reduce_s=reduced_s, step_time_s=time.perf_counter() - began)
+        steps.append(record)
+    return steps
+
+
+def _steps_read_per_segment(replica: Replica, group: CollectiveGroup, start: int, stop: int) -> list[dict[str, Any]]:
+    """Steps ``[start, stop)`` with no host read between them (``train.host_reads: segment``).
+
+    Each step's numbers are summed as in :func:`_steps_read_per_step`, then kept on the device,
+    in a table read once, after the last step. Each update is decided on the device: skipped
+    when a loss or the reduced gradient was not finite (``found_inf`` of the fused optimizer),
+    and every update from a failed step on, under a flag that stays set once a rank has failed
+    (or, under ``on_nan: stop``, a step was not finite). A rank whose step failed goes on
+    joining every all-reduce of the segment without computing, so no rank waits on it. When the
+    table is read, the ranks stop at that first step, alike, as :func:`_steps_read_per_step`
+    would have: the weights and the optimizer's state are those before it, and no checkpoint
+    is written. The steps after it were computed for nothing: at most one segment's worth.
+    Should an all-reduce itself fail (a rank lost), the steps done so far are read and recorded
+    before the error goes on, so the replica's step count matches its weights for a regroup."""
+    assert group.step is not None and replica.tally is not None
+    slots, body = group.step[:SLOTS], group.step[SLOTS:]
+    width = replica.width
+    device = group.device
+    # Per step: the summed slots and the reduced gradient's sum (float64: a large finite sum does
+    # not overflow to infinity), then this rank's own non-finite count and first non-finite loss.
+    table = torch.zeros(stop - start, SLOTS + 3, dtype=torch.float64, device=device)
+    own = torch.zeros(stop - start, 2, device=device)
+    halted = torch.zeros((), dtype=torch.bool, device=device)
+    stop_on_nan = replica.spec.config.train.on_nan == "stop"
+    failure: Exception | None = None
+    times: list[tuple[float, float]] = []
+    try:
+        for i, t in enumerate(range(start, stop)):
+            began = time.perf_counter()
+            stats = StepStats()
+            if group.buckets is not None:
+                group.buckets.begin()
+            if failure is None:
+                try:
+                    (flat,) = replica.local_grads(t, stats).values()
+                    if flat.data_ptr() != body.data_ptr():
+                        raise DasktrainError("the replica's step accumulated outside the group's step buffer")
+                    replica.tally.settle(slots[:_COUNT], own[i, 1])
+                    own[i, 0] = slots[_NONFINITE]
+                except Exception as exc:  # this rank joins the segment's all-reduces all the same
+                    failure = exc
+            if failure is not None:
+                slots[:_COUNT].zero_()
+            reduce_began = time.perf_counter()
+            _write_host_slots(slots, stats, failure)
+            _sum_step(group)
+            table[i, :SLOTS] = slots
+            table[i, SLOTS] = body[:width].sum(dtype=torch.float64)
+            if failure is None:
+                bad = (slots[_NONFINITE] > 0) | ~torch.isfinite(table[i, SLOTS])
+                stop_here = (slots[_FAILED] > 0) | bad if stop_on_nan else slots[_FAILED] > 0
+                torch.logical_or(halted, stop_here, out=halted)
+                replica.apply_sum_unless(t, body[:width], slots[_COUNT], halted | bad)
+            times.append((time.perf_counter() - reduce_began, time.perf_counter() - began))
+    except BaseException:
+        table[:, SLOTS + 1:] = own
+        _read_segment(replica, group, start, table[: len(times)], times, failure)  # raises the first stop, if any
+        raise
+    table[:, SLOTS + 1:] = own
+    return _read_segment(replica, group, start, table, times, failure)
+
+
+def _read_segment(replica: Replica, group: CollectiveGroup, start: int, table: torch.Tensor,
+                  times: list[tuple[float, float]], failure: Exception | None) -> list[dict[str, Any]]:
+    """Read the table of :func:`_steps_read_per_segment` (its one host read) and record its
+    steps on the replica up to the first that stopped the ranks, whose error is raised; returns
+    the steps' records when none did."""
+    stop_on_nan = replica.spec.config.train.on_nan == "stop"
+    steps = []
+    for i, row in enumerate(table.tolist()):
+        t = start + i
+        if row[_FAILED]:
+            if failure is not None:
+                raise failure
+            raise PeerFailedError(f"global step {t} failed on another worker of the process group; "
+                                  "its error is the one this run reports")
+        step_stats = _step_stats(dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, row[:_FAILED])), group.size)
+        if stop_on_nan and step_stats.nonfinite:
+            _stop_on_nonfinite(replica, t, row[SLOTS + 2] if row[SLOTS + 1] else None)
+        if stop_on_nan and not math.isfinite(row[SLOTS]):
+            raise NonFiniteLossError(f"the gradient of {replica.core.where(t)} is not finite; the update was not applied")
+        replica.note_applied(t, step_stats)
+        record = step_stats.as_dict()
+        record.update(reduce_s=times[i][0], step_time_s=times[i][1])
+        steps.append(record)
+    return steps
+
+
+def _write_host_slots(slots: torch.Tensor, stats: StepStats, failure: Exception | None) -> None:
+    """Write the step's numbers the rank knows on the host, and whether its step failed, into
+    ``slots`` (from :data:`_COUNT` on, which the caller zeroed or leaves at zero)."""
+    host = [float(getattr(stats, name)) for name in _HOST_SLOTS] + [1.0 if failure else 0.0]
+    slots[_COUNT:].zero_()
+    for i, value in enumerate(host, start=_COUNT):
+        if value:
+            slots[i].fill_(value)  # a kernel: no host-to-device copy to wait for
+
+
+def _sum_step(group: CollectiveGroup) -> None:
+    """Launch the step's buckets not launched yet, and wait for all of them."""
+    for work in group.buckets.finish() if group.buckets is not None else []:
+        work.wait()
 
 
 def _step_stats(totals: dict[str, float], ranks: int) -> StepStats:
@@ -424,14 +539,12 @@ def _step_stats(totals: dict[str, float], ranks: int) -> StepStats:
     return StepStats(**values)
 
 
-def _stop_on_nonfinite(replica: Replica, t: int) -> None:
+def _stop_on_nonfinite(replica: Replica, t: int, first_loss: float | None) -> None:
     """``on_nan: stop`` when step ``t``'s loss was not finite on some rank: the rank where it was
-    names it (reading its micro-batches' losses, only now), the others report a peer's failure."""
-    assert replica.tally is not None
-    first = replica.tally.first_nonfinite()
-    if first is not None:
-        loss, correct = first
-        replica.core.admit_loss(Scored(torch.tensor(loss), loss, correct), 0, StepStats(), t,
+    (``first_loss``: its first non-finite loss there, None elsewhere) names it, the others report
+    a peer's failure."""
+    if first_loss is not None:
+        replica.core.admit_loss(Scored(torch.tensor(first_loss), first_loss, 0.0), 0, StepStats(), t,
                                 f" on shards {list(replica.spec.shards)}")  # raises, under on_nan: stop
     raise PeerFailedError(f"the loss of global step {t} was not finite on another worker of the process group; "
                           "its error is the one this run reports")

@@ -210,6 +210,14 @@ class TrainConfig(_Frozen):
     """``reduce: collective``: most MiB of gradients summed by one all-reduce. Buckets are launched
     from backward as each is made, so the sums of the last layers overlap the backward pass of the
     first ones (torch DDP's ``bucket_cap_mb``, whose default this is)."""
+    host_reads: Literal["auto", "step", "segment"] = "auto"
+    """``reduce: collective``: how often a rank reads the step's numbers (loss, counts, whether
+    to update) from its device. ``step``: once per step, after the all-reduce, which on a GPU
+    waits for the device to finish the step before the next one is queued. ``segment``: once
+    per segment of steps; each update is decided on the device (torch's fused optimizers skip
+    an update their ``found_inf`` flag marks), and a failed or non-finite step stops every rank
+    at that step, found when the segment ends, the steps after it computed but not applied.
+    ``auto``: ``segment`` on a GPU, ``step`` on a CPU, where a read waits for nothing."""
     grad_transfer: Literal["fp32", "bf16"] = "fp32"
     """Dtype gradients travel in between Dask tasks (``reduce: tree``): ``bf16`` halves the bytes
     moved; every sum is still taken in fp32, and the optimizer sees fp32."""
@@ -221,6 +229,8 @@ class TrainConfig(_Frozen):
     def _reduce_options(self) -> TrainConfig:
         if self.reduce == "collective" and self.deterministic:
             raise ValueError("deterministic: true needs reduce: tree (an all-reduce does not fix the order of its sums)")
+        if self.reduce != "collective" and self.host_reads == "segment":
+            raise ValueError("host_reads: segment needs reduce: collective (a tree step is read on the host to be sent)")
         if self.reduce == "collective" and self.grad_transfer != "fp32":
             raise ValueError("grad_transfer: bf16 applies to reduce: tree only; the collective all-reduce sums in fp32")
         return self
@@ -635,7 +645,7 @@ class RunConfig(_Frozen):
             "metrics": True,  # measured, not trained on
             "tracking": True,  # where the records are also sent, not what is trained
             "data": data,
-            "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger", "bucket_mb"},
+            "train": {"ahead", "step_timeout", "min_workers", "worker_grace_s", "ledger", "bucket_mb", "host_reads"},
             "model": {"upload"},  # how the code reaches the workers, not what it computes
         })
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]

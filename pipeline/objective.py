@@ -199,19 +199,35 @@ def user_loss_sum(kind: str, per_sample: Any, samples: int) -> torch.Tensor:
     return per_sample.float().sum()
 
 
-def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter], *, fused: bool = False) -> torch.optim.Optimizer:
     """The configured torch optimizer, with the implementation torch picks for the parameters'
     device, as a plain PyTorch user gets it: one loop over the parameters on CPU (the same
     arithmetic as the tests' reference loop), the ``foreach`` kernels on CUDA, which update every
     parameter in a few launches instead of several per parameter. Replicas on one kind of device
-    run one implementation and update alike (CPU and CUDA kernels round differently anyway)."""
+    run one implementation and update alike (CPU and CUDA kernels round differently anyway).
+
+    ``fused``: torch's fused kernels instead, which read a ``found_inf`` flag on the device and
+    leave parameters and state alone where it is set: an update decided without a host read
+    (``train.host_reads: segment``). Their updates round within an ulp or so of the loop's."""
     if config.name == "sgd":
         return torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
+            weight_decay=config.weight_decay, fused=fused or None,
         )
     cls = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay)
+    return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
+               fused=fused or None)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load ``state`` (a checkpoint's, or another replica's) into ``optimizer``, keeping the
+    implementation it was built with. torch takes a group's ``fused`` flag from the state it
+    loads, and places Adam's step counts by it (on the device for the fused kernels, on the host
+    for the others); so a checkpoint written by a run of the other ``host_reads`` is loaded as
+    if this optimizer had written it."""
+    own = [group["fused"] for group in optimizer.param_groups]
+    groups = [{**saved, "fused": fused} for saved, fused in zip(state["param_groups"], own)]
+    optimizer.load_state_dict({**state, "param_groups": groups})
 
 
 def learning_rate(optimizer: OptimizerConfig, schedule: ScheduleConfig, step: int, total_steps: int) -> float:

@@ -40,7 +40,7 @@ from dasktrain.errors import DasktrainError, NonFiniteLossError
 from dasktrain.feed import Batch, ShardFeed, join_batches, open_reader
 from dasktrain.ledger import append_entries
 from dasktrain.models import build_model
-from dasktrain.objective import build_optimizer, call_model, prepare_batch
+from dasktrain.objective import build_optimizer, call_model, load_optimizer_state, prepare_batch
 from dasktrain.plan import plan_for
 from dasktrain.reduce import NodeId, Partial, ReductionTree, RootRecipe, StepStats
 from dasktrain.registry import Resident, release
@@ -126,17 +126,21 @@ class Replica:
         """Length of the flat buffer a step sums: gradients, then running-statistics updates."""
         self.shard_wise = needs_per_shard_forward(self.model)
         """Fast mode runs one forward unit per shard (not one fused pass): see pipeline/streams.py."""
-        self.optimizer = build_optimizer(cfg.optimizer, self.params)
+        self.reads_per_segment = cfg.train.reduce == "collective" and (
+            cfg.train.host_reads == "segment" or (cfg.train.host_reads == "auto" and self.place.device.type == "cuda"))
+        """``train.host_reads`` for this replica's device: whether its updates are decided on the
+        device and its numbers read once per collective segment (see :mod:`dasktrain.collective`)."""
+        self.optimizer = build_optimizer(cfg.optimizer, self.params, fused=self.reads_per_segment)
         self.applied = spec.applied
         """Updates applied so far: the global step the next computed gradient belongs to."""
         if state is not None:  # a copy of a surviving replica, sent worker to worker
             self.model.load_state_dict(state["model"])  # load_state_dict copies onto the device
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
             self.applied = state["applied"]
         elif spec.resume_from:
             ckpt = load_checkpoint(locate(spec.resume_from, cfg.storage_options, "checkpoint"))
             self.model.load_state_dict(ckpt.model)
-            self.optimizer.load_state_dict(ckpt.optimizer)
+            load_optimizer_state(self.optimizer, ckpt.optimizer)
         self.history: dict[int, dict[str, Any]] = {}
         """Root stats of the last updates applied, for a driver that regroups before reading them."""
         self.lock = threading.Lock()
@@ -197,11 +201,7 @@ class Replica:
         device) divided, in place, by the global sample count; refuses a non-finite one per
         ``on_nan``. ``grad_sum`` is the caller's to give up: it holds the mean afterwards.
         ``total``: the sum of ``grad_sum``'s elements, when the caller has read it already."""
-        self.applied = t + 1
-        self.history[t] = stats.as_dict()
-        # Kept for the steps a driver may not have recorded yet when it regroups: up to two
-        # collective segments of LINEAGE_STEPS (64) each, with room to spare.
-        self.history.pop(t - HISTORY_STEPS, None)
+        self.note_applied(t, stats)
         flat = grad_sum.div_(max(stats.count, 1))  # the caller's own buffer: no copy of the size of the model
         try:
             # Every replica sees the same root (sum and stats), so every replica decides alike.
@@ -212,6 +212,22 @@ class Replica:
         if apply:
             self.core.update(t, flat)
             self.running.apply(flat[self.numel:])
+
+    def apply_sum_unless(self, t: int, grad_sum: torch.Tensor, count: torch.Tensor, skip: torch.Tensor) -> None:
+        """:meth:`apply_sum` decided on the device (``train.host_reads: segment``): ``count`` is
+        the global sample count and ``skip`` whether the update is not made, both device tensors
+        nobody read. The caller records the step (:meth:`note_applied`) once it has read them."""
+        flat = grad_sum.div_(count.clamp(min=1))
+        self.core.update(t, flat, unless=skip.float())
+        self.running.apply(flat[self.numel:], unless=skip)
+
+    def note_applied(self, t: int, stats: StepStats) -> None:
+        """Step ``t`` is done (applied, or skipped under ``on_nan: skip_step``), with ``stats``."""
+        self.applied = t + 1
+        self.history[t] = stats.as_dict()
+        # Kept for the steps a driver may not have recorded yet when it regroups: up to two
+        # collective segments of LINEAGE_STEPS (64) each, with room to spare.
+        self.history.pop(t - HISTORY_STEPS, None)
 
     def _compute(self, t: int, stats: StepStats) -> dict[NodeId, torch.Tensor]:
         """The worker's partial sums of step ``t``, as host tensors in the transfer dtype."""

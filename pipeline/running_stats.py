@@ -69,10 +69,12 @@ class RunningStats:
             self._load(self._start)
             self._start = None
 
-    def apply(self, mean_update: torch.Tensor) -> None:
-        """Add the reduced, sample-weighted mean update (the flat buffer's segment / count)."""
+    def apply(self, mean_update: torch.Tensor, unless: torch.Tensor | None = None) -> None:
+        """Add the reduced, sample-weighted mean update (the flat buffer's segment / count);
+        not where ``unless`` (a boolean on the device) is set: the update decided there."""
         if self.numel:
-            self._load(self._flat() + mean_update)
+            current = self._flat()
+            self._load(current + mean_update if unless is None else torch.where(unless, current, current + mean_update))
 
     def _flat(self) -> torch.Tensor:
         return torch.cat([b.detach().reshape(-1).to(torch.float32) for b in self.buffers])

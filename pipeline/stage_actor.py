@@ -83,7 +83,7 @@ from dasktrain.config import RunConfig
 from dasktrain.device import Placement
 from dasktrain.errors import CheckpointError, ClusterError, DasktrainError
 from dasktrain.feed import StepRows, open_reader
-from dasktrain.objective import build_optimizer, cast_inputs, prepare_batch
+from dasktrain.objective import build_optimizer, cast_inputs, load_optimizer_state, prepare_batch
 from dasktrain.plan import SamplingPlan, plan_for
 from dasktrain.reduce import ReductionTree, StepStats, default_fan_in, sum_in_order
 from dasktrain.schedules import Action, actions, splits_backward
@@ -604,7 +604,7 @@ class PipelineStage:
         for (lo, hi), chunk in zip(self.bounds, self.chunks):
             chunk.load_state_dict({local_key(lo, k): v for k, v in model.items() if lo <= int(k.partition(".")[0]) < hi})
         if self.core.optimizer is not None:
-            self.core.optimizer.load_state_dict(join_optimizer_state(opt_tensors, opt_rest))
+            load_optimizer_state(self.core.optimizer, join_optimizer_state(opt_tensors, opt_rest))
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",

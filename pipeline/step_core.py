@@ -160,9 +160,12 @@ class StepCore:
             return False
         raise NonFiniteLossError(f"{what} of {self.where(t)} is not finite; the update was not applied")
 
-    def update(self, t: int, mean: torch.Tensor) -> None:
+    def update(self, t: int, mean: torch.Tensor, unless: torch.Tensor | None = None) -> None:
         """Optimizer step with ``mean``, the global mean gradient of step ``t`` (on the
         parameters' device), at the learning rate the schedule gives step ``t``.
+
+        ``unless``: a float flag on the device, for a fused optimizer (its ``found_inf``): where
+        it is not zero, parameters and optimizer state stay as they are, decided without a host read.
 
         With ``train.clip_grad_norm``, ``mean``'s gradient entries are first scaled in place to at
         most that global L2 norm. Clipping the reduced gradient, not each worker's part, makes the
@@ -176,6 +179,8 @@ class StepCore:
         lr = lr_at(self.config, t, self.plan.steps_per_epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if unless is not None:
+            self.optimizer.found_inf = unless  # type: ignore[attr-defined]  # read by torch's fused step
         self.optimizer.step()
 
 
@@ -228,6 +233,22 @@ class DeviceTally:
             else:
                 nonfinite += 1
         return loss_sum, correct, nonfinite
+
+    def settle(self, into: torch.Tensor, first: torch.Tensor) -> None:
+        """Write the step's ``(finite loss sum, correct, non-finite count)`` into ``into``, and the
+        first non-finite loss (or 0) into ``first``: what :meth:`exact` and
+        :meth:`first_nonfinite` say, kept on the device (``train.host_reads: segment``)."""
+        if not self.pairs:
+            into.zero_()
+            first.zero_()
+            return
+        pairs = torch.stack(self.pairs)
+        bad = ~torch.isfinite(pairs[:, 0])
+        into[:2] = torch.where(bad.unsqueeze(1), 0.0, pairs).sum(0)
+        into[2] = bad.sum()
+        # The first non-finite one by argmax and gather: indexing by a tensor could read it to the host.
+        at = bad.int().argmax().reshape(1)
+        first.copy_(torch.where(bad.any(), pairs[:, 0].gather(0, at).squeeze(0), 0.0))
 
     def first_nonfinite(self) -> tuple[float, float] | None:
         """The first non-finite micro-batch's ``(loss, correct)``; None when every loss was finite."""

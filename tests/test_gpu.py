@@ -135,3 +135,24 @@ def test_bf16_training_on_local_cuda(digits: Path, tmp_path: Path) -> None:
     assert result.completed
     losses = [e["train_loss"] for e in result.epochs]
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_cuda, reason="needs a CUDA GPU")
+def test_collective_on_local_cuda_reads_once_per_segment_and_learns_what_one_process_learns(
+        digits: Path, tmp_path: Path) -> None:
+    # On a GPU, host_reads: auto decides each update on the device (a fused optimizer) and reads
+    # the numbers once per segment: the weights still match the CPU reference loop, to the
+    # rounding of CUDA kernels.
+    pytest.importorskip("dask_cuda", reason="local-cuda needs dask-cuda")
+    from dasktrain.run_loop import train
+    from tests.helpers import plan_batches, saved_weights
+    from tests.reference import max_relative_error, reference_weights
+
+    config = run_config(digits, tmp_path / "run", optimizer={"name": "adamw", "lr": 0.003},
+                        train={"epochs": 2, "batch_size": 100, "shards": 4, "seed": 3, "reduce": "collective"},
+                        cluster={"kind": "local-cuda", "workers": _gpu_workers(), "dashboard": False},
+                        checkpoint={"every_steps": 7, "keep": 2})
+    assert train(config).completed
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-3

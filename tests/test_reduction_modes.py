@@ -16,11 +16,11 @@ import pytest
 import torch
 from torch import nn
 
+from dasktrain.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from dasktrain.collective import BucketedSum
 from dasktrain.errors import ConfigError, DataError, NonFiniteLossError
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
-from dasktrain.preflight import build_plan, resolve_splits
 from dasktrain.run_loop import train
 from tests.helpers import local_client, plan_batches, run_config, saved_weights
 from tests.ledger_check import check_exactly_once
@@ -35,6 +35,10 @@ MODES = {  # name: (train settings, data settings, relative tolerance against th
     # each launched from the last of the three backward passes.
     "collective-accumulate-cache-buckets": ({"reduce": "collective", "accumulate": 3, "bucket_mb": 1e-4},
                                             {"cache": True}, 1e-5),
+    # Updates decided on the device, the numbers read once per segment: the fused AdamW rounds
+    # within an ulp or so of the reference loop's.
+    "collective-segment-accumulate-cache-buckets": ({"reduce": "collective", "host_reads": "segment",
+                                                     "accumulate": 3, "bucket_mb": 1e-4}, {"cache": True}, 1e-5),
     "tree-accumulate": ({"accumulate": 4}, {}, 1e-5),
     "tree-deterministic-accumulate-cache": ({"deterministic": True, "accumulate": 3}, {"cache": True}, 1e-5),
     # bf16 keeps 8 bits of mantissa: each transfer rounds by up to 2**-9 of a gradient.
@@ -127,6 +131,8 @@ def test_collective_rejects_what_it_cannot_honour(store, tmp_path):
         mode_config(store, tmp_path / "run", reduce="collective", deterministic=True)
     with pytest.raises(ConfigError, match="grad_transfer: bf16 applies to reduce: tree only"):
         mode_config(store, tmp_path / "run", reduce="collective", grad_transfer="bf16")
+    with pytest.raises(ConfigError, match="host_reads: segment needs reduce: collective"):
+        mode_config(store, tmp_path / "run", host_reads="segment")
 
 
 def test_collective_killed_worker_regroups_with_exact_accounting(store, tmp_path):
@@ -144,35 +150,74 @@ def test_collective_killed_worker_regroups_with_exact_accounting(store, tmp_path
     assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
 
 
-def test_collective_nan_on_one_rank_stops_every_rank_naming_the_step(tmp_path):
+@pytest.mark.parametrize("reads", ["step", "segment"])
+def test_collective_rank_killed_mid_segment_regroups_from_the_survivors_updates(store, tmp_path, reads):
+    # A worker dies at its 25th step (global step 24), inside the segment of steps 20-39. The
+    # survivor applied steps 20-23 first: read once per segment, it must count them as applied
+    # when its all-reduce fails, or the regrouped run would apply them twice.
+    flag = tmp_path / "armed"
+    flag.touch()
+    config = run_config(store, tmp_path / "run", optimizer={"name": "adamw", "lr": 0.003},
+                        model={"factory": "tests.faulty:dying_mlp",
+                               "kwargs": {"flag": str(flag), "after": 25, "in_features": 64,
+                                          "out_features": 10, "hidden": [32]}},
+                        train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3, "ledger": True,
+                               "reduce": "collective", "host_reads": reads, "step_timeout": 20.0},
+                        checkpoint={"every_steps": 20, "keep": 2})
+    with local_client(2) as client:
+        result = train(config, client=client)
+    assert result.completed and not flag.exists()
+    events = regroups(tmp_path / "run")
+    assert [(e["global_step"], len(e["lost"])) for e in events] == [(24, 1)], events
+    check_exactly_once(tmp_path / "run", training_samples(config), epochs=2)
+    # The flag is gone: the reference loop builds the same model, which no longer kills anyone.
+    assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
+
+
+@pytest.mark.parametrize("reads", ["step", "segment"])
+def test_collective_nan_on_one_rank_stops_every_rank_naming_the_step(tmp_path, reads):
     arrays = example_arrays("digits")
     arrays["inputs"][5 * 64 + 3, 10] = np.nan  # one sample of chunk 5: one worker's shard
     store = write_store(tmp_path / "nan.zarr", arrays, chunk_size=64)
     config = run_config(store, tmp_path / "run", train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3,
                                                           "reduce": "collective", "bucket_mb": 1e-4,
-                                                          "step_timeout": 30.0})
-    plan = build_plan(config, resolve_splits(config))
-    bad = next(t for t in range(2 * plan.steps_per_epoch)
-               if 5 * 64 + 3 in plan.epoch(t // plan.steps_per_epoch).global_batch(t % plan.steps_per_epoch))
+                                                          "host_reads": reads, "step_timeout": 30.0},
+                        checkpoint={"every_steps": 5, "keep": 10})
+    batches = plan_batches(config)
+    bad = next(t for t, batch in enumerate(batches) if 5 * 64 + 3 in batch)
+    assert bad % 5 not in (0, 4)  # the NaN step is inside a segment (they end at checkpoints), steps after it
     with local_client(2) as client, pytest.raises(NonFiniteLossError, match=f"loss is nan at global step {bad} "):
         train(config, client=client)
+    # Every rank stopped in that step's segment: the segments before it are recorded, and their
+    # last checkpoint is the newest, with the weights of the steps before it; none after it.
+    steps = [r["global_step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "step"]
+    assert steps == list(range(bad - bad % 5))
+    newest = latest_checkpoint(tmp_path / "run")
+    assert newest is not None and checkpoint_step(newest) == bad - bad % 5
+    weights = {k: v.float() for k, v in load_checkpoint(newest).model.items()}
+    assert max_relative_error(weights, reference_weights(config, batches[: bad - bad % 5],
+                                                         total_steps=len(batches))) < 1e-5
 
 
-def test_collective_data_error_on_one_rank_stops_every_rank_at_once(client, tmp_path):
+@pytest.mark.parametrize("reads", ["step", "segment"])
+def test_collective_data_error_on_one_rank_stops_every_rank_at_once(client, tmp_path, reads):
     # One rank's shard has a chunk missing: its step fails, and the failure flag it sends with the
     # step's sums stops the other rank at the same step. Without it the other rank would update,
     # then wait in the next step's all-reduce for a rank that is gone, until step_timeout (60 s).
+    # Read once per segment, the failed rank goes on joining the segment's all-reduces instead.
     store = write_store(tmp_path / "holed.zarr", example_arrays("digits"), chunk_size=64)
     (store / "targets" / "c" / "7").unlink()
     config = run_config(store, tmp_path / "run", train={"epochs": 1, "batch_size": 50, "shards": 4, "seed": 3,
-                                                          "reduce": "collective", "step_timeout": 60.0})
+                                                          "reduce": "collective", "host_reads": reads,
+                                                          "step_timeout": 60.0})
     began = time.monotonic()
     with pytest.raises(DataError, match=r"chunk 7 .* array 'targets' in store .*holed.zarr is missing"):
         train(config, client=client)
     assert time.monotonic() - began < 30
 
 
-def test_collective_skip_step_on_one_rank_skips_it_on_every_rank(tmp_path):
+@pytest.mark.parametrize("reads", ["step", "segment"])
+def test_collective_skip_step_on_one_rank_skips_it_on_every_rank(tmp_path, reads):
     # One rank voids the step before its backward pass (its buckets are launched without it);
     # the other's backward launched them all: the all-reduces still pair up, nobody updates.
     arrays = example_arrays("digits")
@@ -180,7 +225,8 @@ def test_collective_skip_step_on_one_rank_skips_it_on_every_rank(tmp_path):
     store = write_store(tmp_path / "nan.zarr", arrays, chunk_size=64)
     config = run_config(store, tmp_path / "run", train={"epochs": 2, "batch_size": 50, "shards": 4, "seed": 3,
                                                           "reduce": "collective", "bucket_mb": 1e-4,
-                                                          "on_nan": "skip_step", "step_timeout": 30.0})
+                                                          "on_nan": "skip_step", "host_reads": reads,
+                                                          "step_timeout": 30.0})
     batches = plan_batches(config)
     bad = [t for t, batch in enumerate(batches) if 5 * 64 + 3 in batch]
     assert len(bad) == 2  # once per epoch

@@ -12,7 +12,8 @@ from dasktrain.errors import CheckpointError
 from dasktrain.ingest import example_arrays, write_store
 from dasktrain.metrics import read_metrics
 from dasktrain.run_loop import train
-from tests.helpers import local_client, run_config, saved_weights
+from tests.helpers import local_client, plan_batches, run_config, saved_weights
+from tests.reference import max_relative_error, reference_weights
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -70,6 +71,20 @@ def test_resume_from_mid_epoch_checkpoint(store, client, tmp_path):
     assert load_checkpoint(list_checkpoints(tmp_path / "parted")[-1]).step == 20
     train(parted, client=client, resume=True)
     assert_same_weights(saved_weights(tmp_path / "parted"), saved_weights(tmp_path / "whole"))
+
+
+def test_a_collective_run_read_per_step_resumes_read_per_segment(store, client, tmp_path):
+    # train.host_reads changes how updates are decided (a fused optimizer on the device), not
+    # what is learned: a checkpoint of one loads into the other, and the run goes on as one.
+    def collective(reads):
+        config = config_for(store, tmp_path / "parted")
+        return config.model_copy(update={"train": config.train.model_copy(
+            update={"reduce": "collective", "host_reads": reads})})
+
+    assert train(collective("step"), client=client, until_epoch=1).steps == 29
+    assert train(collective("segment"), client=client, resume=True).completed
+    reference = reference_weights(collective("segment"), plan_batches(collective("segment")))
+    assert max_relative_error(saved_weights(tmp_path / "parted"), reference) < 1e-5
 
 
 def test_existing_run_is_never_overwritten_without_resume(store, client, tmp_path):

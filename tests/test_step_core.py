@@ -23,7 +23,9 @@ import torch
 import zarr
 from torch import nn
 
+from dasktrain.config import OptimizerConfig
 from dasktrain.errors import DataError, NonFiniteLossError
+from dasktrain.objective import build_optimizer, load_optimizer_state
 from dasktrain.preflight import build_plan, resolve_splits
 from dasktrain.reduce import StepStats
 from dasktrain.stage_actor import PipelineStage, StageSpec
@@ -136,6 +138,56 @@ def test_a_device_tally_counts_what_admit_loss_counts(tmp_path):
     assert tally.exact() == (stats.loss_sum, stats.correct, stats.nonfinite) == (4.75, 7.0, 2)
     value, correct = tally.first_nonfinite() or (0.0, 0.0)
     assert math.isnan(value) and correct == 1.0
+    # Settled on the device (host_reads: segment): the same numbers, and the same first loss.
+    settled, first = torch.zeros(3), torch.zeros(())
+    tally.settle(settled, first)
+    assert settled.tolist() == [4.75, 7.0, 2.0] and math.isnan(first)
+    tally.clear()
+    tally.add(torch.tensor([float("-inf"), 3.0]))
+    tally.settle(settled, first)
+    assert settled.tolist() == [0.0, 0.0, 1.0] and first.item() == float("-inf")
+    for value, correct in pairs[2:3]:
+        tally.clear()
+        tally.add(torch.tensor([value, correct]))
+        tally.settle(settled, first)
+        assert settled.tolist() == [1.5, 4.0, 0.0] and first.item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_an_update_flagged_on_the_device_leaves_weights_and_state_alone_and_state_moves_between_kinds(name):
+    # host_reads: segment decides an update on the device (the fused optimizer's found_inf). A
+    # flagged update must change nothing, momentum and step counts included; and an optimizer's
+    # state must load into the other implementation (a checkpoint of a run that read per step,
+    # resumed reading per segment, and back) and go on as if nothing had changed.
+    config = OptimizerConfig(name=name, lr=0.1, momentum=0.9, weight_decay=0.01)
+    torch.manual_seed(0)
+    grads = [torch.randn(6) for _ in range(6)]
+
+    def run(kinds: list[bool], flagged: int | None = None) -> torch.Tensor:
+        param = nn.Parameter(torch.linspace(-1.0, 1.0, 6))
+        state = None
+        for t, (fused, grad) in enumerate(zip(kinds, grads)):
+            optimizer = build_optimizer(config, [param], fused=fused)
+            if state is not None:
+                load_optimizer_state(optimizer, state)
+            if t == flagged:  # a void step first: its gradient is garbage, its flag set
+                param.grad = torch.full((6,), float("nan"))
+                optimizer.found_inf = torch.tensor(1.0)  # type: ignore[attr-defined]
+                optimizer.step()
+            if fused:
+                optimizer.found_inf = torch.tensor(0.0)  # type: ignore[attr-defined]
+            param.grad = grad.clone()
+            optimizer.step()
+            state = optimizer.state_dict()
+        return param.detach()
+
+    plain = run([False] * 6)
+    # The fused kernels round within an ulp or so of the loop (weight decay included).
+    close = {"rtol": 1e-6, "atol": 1e-7}
+    torch.testing.assert_close(run([True] * 6), plain, **close)
+    torch.testing.assert_close(run([False, False, True, True, False, True]), plain, **close)
+    for flagged in (0, 3):
+        torch.testing.assert_close(run([True] * 6, flagged), run([True] * 6), rtol=0, atol=0)
 
 
 def test_a_non_finite_loss_stops_naming_the_step_under_stop(tmp_path):
