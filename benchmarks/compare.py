@@ -18,7 +18,9 @@ and global batch (``--batch``) on the same synthetic Zarr store, written once pe
 - ``dasktrain <mode>``: ``dasktrain.run_loop.train`` on a fresh LocalCluster of ``--workers`` worker
   processes of ``--threads`` threads each, for each mode of ``MODES`` (``--modes``):
   ``tree`` (``reduce: tree``, fast mode), ``tree-bf16`` (the same, ``grad_transfer: bf16``) and
-  ``collective`` (``reduce: collective``), with ``data.cache`` on (``--no-cache``: off) and
+  ``collective`` (``reduce: collective``) by default; ``collective-step`` and
+  ``collective-segment`` set its ``train.host_reads`` (``collective`` takes ``auto``: ``segment``
+  on a GPU, ``step`` on a CPU). With ``data.cache`` on (``--no-cache``: off) and
   ``train.accumulate`` from ``--accumulate`` (the baselines always take a batch in one pass).
 
 A contender that raises is one row ``failed: <reason>``; the others still run.
@@ -100,7 +102,12 @@ MODES: dict[str, dict[str, Any]] = {  # dasktrain mode -> its train settings
     "tree": {"reduce": "tree"},
     "tree-bf16": {"reduce": "tree", "grad_transfer": "bf16"},
     "collective": {"reduce": "collective"},
+    # train.host_reads set either way ("collective" takes auto: segment on a GPU, step on a CPU).
+    "collective-step": {"reduce": "collective", "host_reads": "step"},
+    "collective-segment": {"reduce": "collective", "host_reads": "segment"},
 }
+DEFAULT_MODES = ("tree", "tree-bf16", "collective")
+"""The modes a runner invocation runs unless ``--modes`` names others."""
 
 Timing = dict[str, float]
 """One run's figures: samples_per_s, step_s, data_s, data_pct, reduce_s (nan: not measured)."""
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--shards", type=int, default=None, help="default: workers")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"dasktrain modes to run, of {', '.join(MODES)}")
+    parser.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                        help=f"dasktrain modes to run, of {', '.join(MODES)} (default: {','.join(DEFAULT_MODES)})")
     parser.add_argument("--accumulate", type=int, default=1, help="train.accumulate of the dasktrain runs")
     parser.add_argument("--no-cache", dest="cache", action="store_false", help="data.cache: false for dasktrain")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

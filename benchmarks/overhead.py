@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead                       # N = 1, 2, 4, 8; tree, collective, DDP
     python -m benchmarks.overhead --workers 1,2 --steps 200 --out overhead.json
+    python -m benchmarks.overhead --workers 1 --collective collective-step   # host_reads: step
 
 A 16-16-10 MLP (``benchmarks.compare.MODELS["tiny"]``) with a global batch of 512 on a synthetic
 store: forward and backward take microseconds, so a step's time is what each contender does around
@@ -23,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.compare import MODELS, Timing, bench_config, machine, make_store, run_dasktrain, run_ddp
+from benchmarks.compare import MODELS, MODES, Timing, bench_config, machine, make_store, run_dasktrain, run_ddp
 
 CONTENDERS = ("tree", "collective", "ddp")
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2,4,8", help="worker counts N, comma-separated")
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--steps", type=int, default=400, help="steps per run (two epochs of half as many)")
+    parser.add_argument("--collective", choices=[m for m in MODES if m.startswith("collective")], default="collective",
+                        help="the runner mode of the collective column (its train.host_reads)")
     parser.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",") if n]
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
                         timing: Timing = run_ddp(bench_config(options, store, Path(tmp) / f"ddp{n}"), n, 1,
                                                  2 * math.ceil(samples / args.batch))
                     else:
-                        timing = run_dasktrain(bench_config(options, store, Path(tmp) / f"{contender}{n}", contender))
+                        mode = args.collective if contender == "collective" else contender
+                        timing = run_dasktrain(bench_config(options, store, Path(tmp) / f"{contender}{n}", mode))
                     row[contender] = 1e3 * timing["step_s"]
                 except Exception as exc:  # one cell says so; the rest of the table still runs
                     row[contender] = f"failed: {type(exc).__name__}"

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.compare import MODES
+from benchmarks.compare import DEFAULT_MODES
 from dasktrain.config import load_config
 from dasktrain.models import build_model
 
@@ -87,7 +87,7 @@ def test_benchmark_runner_prints_every_contender(tmp_path):
     context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
     assert code == 0, context
     expected = ["plain PyTorch (1 process, 2 threads)", "torch DDP gloo (2 processes)", "torch DDP gloo in Dask (2 workers)",
-                *(f"dasktrain {mode} (2 workers)" for mode in MODES)]
+                *(f"dasktrain {mode} (2 workers)" for mode in DEFAULT_MODES)]
     results = json.loads(figures.read_text())["results"]
     assert sorted(results) == sorted(expected), context
     for name in expected:
