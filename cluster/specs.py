@@ -101,6 +101,7 @@ LEAN_CONFIG = {
     "distributed.worker.profile.enabled": False,
     "distributed.admin.tick.interval": "500ms",
     "distributed.admin.system-monitor.interval": "2s",
+    "distributed.worker.memory.monitor-interval": "1s",
 }
 """Dask settings of ``cluster.lean`` (see its docstring)."""
 

@@ -286,10 +286,11 @@ class ClusterConfig(_Frozen):
     127.0.0.1 and answer ``/health`` alone. Not for ``address``."""
     lean: bool = True
     """Turn Dask's housekeeping down in the scheduler and workers dasktrain starts: no statistical
-    profiler (it samples every thread every 10 ms), an event-loop tick every 500 ms instead of 20 ms
-    and a system monitor every 2 s instead of 0.5 s. Together they cost 5-7% of a core per worker
-    here, taken from training on a busy machine. False keeps Dask's defaults (the dashboard's
-    Profile page needs them); not for ``address``, whose workers have their own config."""
+    profiler (it samples every thread every 10 ms), an event-loop tick every 500 ms instead of 20 ms,
+    a system monitor every 2 s instead of 0.5 s, and the memory monitors of each worker and its
+    nanny every 1 s instead of 0.1 s. Together they cost 5-7% of a core per worker here, taken
+    from training on a busy machine. False keeps Dask's defaults (the dashboard's Profile page
+    needs them); not for ``address``, whose workers have their own config."""
     wait_timeout: float = Field(default=120.0, gt=0)
     """Seconds to wait for the workers to arrive before failing (jobqueue kinds: for the first
     ``train.min_workers`` of them, queueing time included; the others join the run later)."""

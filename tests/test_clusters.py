@@ -207,14 +207,22 @@ def test_address_trains_on_a_running_scheduler_and_leaves_it_running(digits: Pat
 def test_lean_turns_dask_housekeeping_down_in_the_workers_it_starts() -> None:
     keys = ("distributed.worker.profile.enabled", "distributed.admin.tick.interval")
     seen = {}
+    monitors = {}
     for lean in (True, False):
         with open_cluster(ClusterConfig(workers=1, dashboard=False, lean=lean)) as client:
             seen[lean] = next(iter(client.run(lambda: [dask.config.get(k) for k in keys]).values()))
+            # Milliseconds between memory checks, in the worker and in its nanny (which lives here).
+            [worker] = client.run(lambda dask_worker: dask_worker.periodic_callbacks["memory_monitor"].callback_time
+                                  ).values()
+            [nanny] = client.run(lambda dask_worker: dask_worker.periodic_callbacks["memory_monitor"].callback_time,
+                                 nanny=True).values()
+            monitors[lean] = (worker, nanny)
             # Either way the worker process started with one glibc arena, and Dask's own variables.
             environ = next(iter(client.run(lambda: dict(os.environ)).values()))
             assert environ["MALLOC_ARENA_MAX"] == "1" and environ["MALLOC_TRIM_THRESHOLD_"] == "65536"
     assert seen[True] == [False, "500ms"]
     assert seen[False] == [dask.config.get(keys[0]), dask.config.get(keys[1])] == [True, "20ms"]
+    assert monitors == {True: (1000, 1000), False: (100, 100)}
 
 
 def test_a_worker_thread_without_one_arena_says_so(monkeypatch: pytest.MonkeyPatch,
