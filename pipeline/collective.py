@@ -240,11 +240,14 @@ adds to the first two every micro-batch; the count of non-finite losses is writt
 _TALLIED = 2
 _HOST_SLOTS = ("count", "chunks_read", "data_wait_s", "compute_s")
 """Step numbers the rank knows on the host; the last slot after them says whether its step failed."""
-SLOTS = len(_DEVICE_SLOTS) + len(_HOST_SLOTS) + 1
-"""Entries before the gradients in a rank's step buffer: the step's numbers, summed over the
-ranks in the gradients' last bucket (see :class:`BucketedSum`), and read to the host with the
-reduced gradient's sum, once per step or once per segment (``train.host_reads``)."""
-_NONFINITE, _COUNT, _FAILED = len(_DEVICE_SLOTS) - 1, len(_DEVICE_SLOTS), SLOTS - 1
+_FAILED = len(_DEVICE_SLOTS) + len(_HOST_SLOTS)
+_NONFINITE, _COUNT = len(_DEVICE_SLOTS) - 1, len(_DEVICE_SLOTS)
+SLOTS = 16
+"""Entries before the gradients in a rank's step buffer: the step's numbers (up to
+:data:`_FAILED`, then zeros), summed over the ranks in the gradients' last bucket (see
+:class:`BucketedSum`), and read to the host with the reduced gradient's sum, once per step or
+once per segment (``train.host_reads``). 16 fp32 entries are 64 bytes: the gradients after them
+start on a cache line, as a tensor of their own would."""
 
 _GROUPS: Resident[CollectiveGroup] = Resident("process group", CollectiveGroup.close)
 """The process group of each run this worker is a rank of (freed with the run's replica)."""
@@ -394,8 +397,8 @@ def _steps_read_per_step(replica: Replica, group: CollectiveGroup, start: int, s
         _write_host_slots(slots, stats, failure)
         _sum_step(group)
         # The step's one host read: its summed numbers and the reduced gradient's sum.
-        *totals, failed, total = torch.cat((slots, body[:width].sum().reshape(1))).tolist()
-        summed = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, totals))
+        read = torch.cat((slots, body[:width].sum().reshape(1))).tolist()
+        summed, failed, total = dict(zip(_DEVICE_SLOTS + _HOST_SLOTS, read[:_FAILED])), read[_FAILED], read[-1]
         if failure is not None:
             raise failure
         if failed:
