@@ -164,9 +164,10 @@ class Replica:
         their buffer before the next step begins. A tree step hands its buffer to Dask as its
         result, which the next step's tasks still read, so each tree step takes a fresh one."""
         self.tally: DeviceTally | None = None
-        """Set by ``reduce: collective``, whose step ends in one host read: each micro-batch's
-        loss and correct count stay on the device in it, and the non-finite policy is applied by
-        the caller from its sums (:mod:`dasktrain.collective`), not micro-batch by micro-batch."""
+        """Set by ``reduce: collective``, which reads a step's numbers once (per step, or per
+        segment): each micro-batch's loss and correct count stay on the device in it, and the
+        non-finite policy is applied by the caller from its sums (:mod:`dasktrain.collective`),
+        not micro-batch by micro-batch."""
 
     # -- the step -------------------------------------------------------------------------
 

@@ -199,15 +199,16 @@ def all_finite(values: torch.Tensor, total: float | None = None) -> bool:
 
 
 class DeviceTally:
-    """A step's loss numbers, kept on the device until the step's one host read.
+    """A step's loss numbers, kept on the device until the step's numbers are read.
 
     :meth:`StepCore.score` reads each micro-batch's loss and correct count to the host, which on
-    a GPU waits for the device: twice per micro-batch, every step. A replica whose step already
-    ends in one host read (``reduce: collective``: the reduced gradient's numbers) adds the pairs
-    on the device instead, into ``sums`` (a view into the buffer it reduces): one addition per
-    micro-batch. A non-finite loss makes the loss sum non-finite, which is all the common path
-    needs to know; only then does :meth:`exact` read the pairs, to count as
-    :meth:`StepCore.admit_loss` would (the finite micro-batches' numbers, and how many were not)."""
+    a GPU waits for the device: twice per micro-batch, every step. A replica that reads its
+    step's numbers once anyway (``reduce: collective``: with the reduced gradient's, per step or
+    per segment) adds the pairs on the device instead, into ``sums`` (a view into the buffer it
+    reduces): one addition per micro-batch. A non-finite loss makes the loss sum non-finite,
+    which is all the common path needs to know; only then does :meth:`exact` read the pairs, to
+    count as :meth:`StepCore.admit_loss` would (the finite micro-batches' numbers, and how many
+    were not). Read once per segment, :meth:`settle` counts so on the device, every step."""
 
     def __init__(self, sums: torch.Tensor) -> None:
         self.sums = sums

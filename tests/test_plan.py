@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -126,3 +129,25 @@ def test_deal_once_uses_every_sample_exactly_once_per_epoch(samples, chunk, shar
         used = np.concatenate([ep.global_batch(k) for k in range(ep.steps)])
         assert np.array_equal(np.sort(used), np.arange(samples))
         assert ep.steps == plan.steps_per_epoch
+
+
+def test_an_epoch_asked_for_by_two_threads_at_once_is_built_once():
+    # A worker's training thread and its feed's read-ahead thread both ask for the next epoch.
+    built = []
+    started = threading.Event()
+
+    class Counting(SamplingPlan):
+        def _build_epoch(self, epoch):
+            built.append(epoch)
+            started.set()
+            time.sleep(0.2)  # a long build: the second caller arrives while it runs
+            return super()._build_epoch(epoch)
+
+    plan = Counting(chunks_of(640, 64), shards=2, batch_size=32, seed=0)
+    plans = []
+    first = threading.Thread(target=lambda: plans.append(plan.epoch(1)))
+    first.start()
+    assert started.wait(10)
+    plans.append(plan.epoch(1))
+    first.join(10)
+    assert built == [1] and len(plans) == 2 and plans[0] is plans[1]
