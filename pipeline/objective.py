@@ -210,13 +210,35 @@ def build_optimizer(config: OptimizerConfig, params: list[nn.Parameter], *, fuse
     leave parameters and state alone where it is set: an update decided without a host read
     (``train.host_reads: segment``). Their updates round within an ulp or so of the loop's."""
     if config.name == "sgd":
-        return torch.optim.SGD(
+        sgd = torch.optim.SGD(
             params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
             weight_decay=config.weight_decay, fused=fused or None,
         )
+        if fused and config.momentum:
+            _momentum_from_zeros(sgd)
+        return sgd
     cls = torch.optim.Adam if config.name == "adam" else torch.optim.AdamW
     return cls(params, lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=config.weight_decay,
                fused=fused or None)
+
+
+def _momentum_from_zeros(optimizer: torch.optim.Optimizer) -> None:
+    """Before the fused SGD's first step, give each parameter a momentum buffer of zeros.
+
+    torch's fused SGD makes the buffers on its first step with ``empty_like`` and lets the kernel
+    fill them, which a set ``found_inf`` skips whole: a first update skipped so (a non-finite
+    first step under ``skip_step``) leaves them uninitialized, and the next update reads whatever
+    memory they got. From zeros, the first update (``buf = momentum * 0 + grad``, no dampening
+    here) is bitwise torch's own first step (``buf = grad``). The hook goes once it has run; a
+    state loaded before then (a checkpoint's) keeps the buffers it brings."""
+    def prime(opt: torch.optim.Optimizer, *_: Any) -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if opt.state[p].get("momentum_buffer") is None:
+                    opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        handle.remove()
+
+    handle = optimizer.register_step_pre_hook(prime)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
