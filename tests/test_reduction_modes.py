@@ -167,8 +167,10 @@ def test_collective_rank_killed_mid_segment_regroups_from_the_survivors_updates(
     with local_client(2) as client:
         result = train(config, client=client)
     assert result.completed and not flag.exists()
+    # The regroup at the kill; the nanny's new worker may join later, in a regroup of its own.
     events = regroups(tmp_path / "run")
-    assert [(e["global_step"], len(e["lost"])) for e in events] == [(24, 1)], events
+    assert (events[0]["global_step"], len(events[0]["lost"])) == (24, 1), events
+    assert all(not e["lost"] for e in events[1:]), events
     check_exactly_once(tmp_path / "run", training_samples(config), epochs=2)
     # The flag is gone: the reference loop builds the same model, which no longer kills anyone.
     assert max_relative_error(saved_weights(tmp_path / "run"), reference_weights(config, plan_batches(config))) < 1e-5
