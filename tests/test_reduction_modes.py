@@ -4,7 +4,8 @@
 bucket, and in one bucket per parameter, launched from backward), ``accumulate`` (several
 micro-batches per update) and ``grad_transfer: bf16`` (gradients sent in bf16, summed in fp32)
 are checked against the single-process reference loop, as the tree mode is in
-test_equivalence.py; the collective mode also against a killed worker and a NaN on one rank.
+test_equivalence.py; the collective mode also against a killed worker and a NaN on one rank,
+with its numbers read per step and per segment (``train.host_reads``).
 """
 
 from __future__ import annotations
