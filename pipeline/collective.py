@@ -324,7 +324,8 @@ def join_group(run_id: str, generation: int, rank: int, size: int, master: tuple
         group.buckets = BucketedSum(group, replica.params, group.step, SLOTS, cap)
     replica.grad_sink = group.buckets
     replica.step_buffer = group.step[SLOTS:]
-    replica.tally = DeviceTally(group.step[:_TALLIED])
+    # Read once per segment, the step's loss numbers are summed by the tally's settle() alone.
+    replica.tally = DeviceTally(None if replica.reads_per_segment else group.step[:_TALLIED])
     _GROUPS.put(run_id, group)
     return {"rank": rank, "size": size, "backend": "nccl" if replica.place.device.type == "cuda" else "gloo"}
 

@@ -210,19 +210,22 @@ class DeviceTally:
     count as :meth:`StepCore.admit_loss` would (the finite micro-batches' numbers, and how many
     were not). Read once per segment, :meth:`settle` counts so on the device, every step."""
 
-    def __init__(self, sums: torch.Tensor) -> None:
+    def __init__(self, sums: torch.Tensor | None) -> None:
         self.sums = sums
-        """``(loss sum, correct)`` of the step's micro-batches so far, on the device."""
+        """``(loss sum, correct)`` of the step's micro-batches so far, on the device; None when
+        only :meth:`settle` sums them (once per step, masked), so no addition is made twice."""
         self.pairs: list[torch.Tensor] = []
         """Each micro-batch's ``(loss, correct)`` this step, in order."""
 
     def clear(self) -> None:
-        self.sums.zero_()
+        if self.sums is not None:
+            self.sums.zero_()
         self.pairs = []
 
     def add(self, pair: torch.Tensor) -> None:
         self.pairs.append(pair)
-        self.sums.add_(pair)
+        if self.sums is not None:
+            self.sums.add_(pair)
 
     def exact(self) -> tuple[float, float, int]:
         """The step's ``(loss sum, correct, non-finite count)``, read to the host pair by pair:
