@@ -11,7 +11,11 @@ Figures (JSON, also printed): the pytest summary of ``-m gpu``, and samples/s of
   - one replica's forward/backward/step on this GPU, fp32 and bf16 (``dasktrain.device.Placement``);
   - dasktrain end to end on ``local-cuda`` (one worker per GPU, up to 4) over a synthetic store;
   - a 2-stage pipeline on one GPU (two workers sharing it) per schedule: samples/s, measured
-    pipeline efficiency against its bound, each stage's peak GPU memory.
+    pipeline efficiency against its bound, each stage's peak GPU memory;
+  - the runner on one GPU (``python -m benchmarks --device cuda``) for the MLP and the CNN, tree
+    and collective read per step and per segment against a plain loop on the GPU, and the
+    per-step floor (``python -m benchmarks.overhead --device cuda``), each with its printed
+    table (``--no-runner`` leaves them out).
 Exit status: 0 when the tests pass, 1 when some fail, 2 when there is no GPU or a package is missing.
 """
 
@@ -195,6 +199,36 @@ def bench_pipeline_two_stages(workdir: Path, samples: int = 32_768, width: int =
     return out
 
 
+RUNNER_COMMANDS = {
+    "runner_mlp": ["-m", "benchmarks", "--device", "cuda", "--model", "mlp", "--repeats", "3",
+                   "--modes", "tree,collective-step,collective-segment"],
+    "runner_cnn": ["-m", "benchmarks", "--device", "cuda", "--model", "cnn", "--repeats", "3",
+                   "--modes", "tree,collective-step,collective-segment"],
+    "overhead": ["-m", "benchmarks.overhead", "--device", "cuda"],
+}
+"""The one-GPU comparisons against a plain loop on the GPU, each run as a user runs it."""
+
+
+def bench_runner(workdir: Path, timeout: int) -> dict[str, Any]:
+    """Run :data:`RUNNER_COMMANDS`; each one's figures (its ``--out`` JSON) and printed table."""
+    results: dict[str, Any] = {}
+    for name, args in RUNNER_COMMANDS.items():
+        out = workdir / f"{name}.json"
+        started = time.perf_counter()
+        try:
+            proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=ROOT, env=_env(),
+                                  capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            results[name] = {"error": f"did not finish in {timeout} s"}
+            continue
+        table = proc.stdout.strip().splitlines()[-12:]
+        print(f"gpu_check: {name}\n" + "\n".join(table), flush=True)
+        results[name] = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - started, 1),
+                         "table": table, "stderr_tail": proc.stderr.strip().splitlines()[-5:],
+                         "figures": json.loads(out.read_text()) if out.exists() else None}
+    return results
+
+
 def _cuda_peak() -> int:
     import torch
 
@@ -211,6 +245,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     parser.add_argument("--steps", type=int, default=50, help="timed steps of the replica benchmark")
     parser.add_argument("--test-timeout", type=int, default=420)
+    parser.add_argument("--no-runner", dest="runner", action="store_false",
+                        help="leave out the runner and overhead comparisons against a plain GPU loop")
+    parser.add_argument("--runner-timeout", type=int, default=240, help="seconds for each runner command")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
 
@@ -232,8 +269,11 @@ def main() -> int:
             report["pipeline_two_stages"] = bench_pipeline_two_stages(Path(tmp))
         except Exception as exc:
             report["pipeline_two_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if args.runner:
+            report["one_gpu_vs_plain"] = bench_runner(Path(tmp), args.runner_timeout)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: v for k, v in report.items() if k != "tests"}, indent=1))
+    # The runner's tables were printed as they came; its figures are in the file.
+    print(json.dumps({k: v for k, v in report.items() if k not in ("tests", "one_gpu_vs_plain")}, indent=1))
     print(f"gpu_check: results in {args.out}")
     return 0 if report["tests"]["returncode"] == 0 else 1
 

@@ -106,3 +106,26 @@ def test_overhead_benchmark_prints_a_row_per_worker_count(tmp_path):
     assert re.search(r"^\s+1\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+\d+\.\dx\s+\d+\.\dx$", output, flags=re.MULTILINE), context
     row = json.loads(figures.read_text())["ms_per_step"]["1"]
     assert sorted(row) == ["collective", "ddp", "tree"] and all(isinstance(v, float) and v > 0 for v in row.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without a GPU")
+def test_overhead_benchmark_on_cuda_without_a_gpu_says_so_and_exits_2():
+    command = [sys.executable, "-m", "benchmarks.overhead", "--device", "cuda"]
+    code, output = run_command(command, dict(os.environ), timeout=120)
+    assert code == 2, f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
+    assert output.strip().splitlines() == [
+        f"benchmarks.overhead: --device cuda, but torch {torch.__version__} sees no CUDA GPU; nothing is measured"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.timeout(300)
+def test_overhead_benchmark_on_one_gpu_measures_dasktrain_against_a_plain_loop_on_it(tmp_path):
+    figures = tmp_path / "overhead.json"
+    command = [sys.executable, "-m", "benchmarks.overhead", "--device", "cuda", "--steps", "40", "--out", str(figures)]
+    code, output = run_command(command, dict(os.environ), timeout=280)
+    context = f"{' '.join(command)} (exit {code}); its output:\n{tail(output)}"
+    assert code == 0, context
+    assert re.search(r"^\s+1\s+\d+\.\d\s+\d+\.\d\s+\d+\.\d\s+\d+\.\dx\s+\d+\.\dx$", output, flags=re.MULTILINE), context
+    row = json.loads(figures.read_text())["ms_per_step"]["1"]
+    assert sorted(row) == ["collective", "plain", "tree"] and all(isinstance(v, float) and v > 0 for v in row.values())
