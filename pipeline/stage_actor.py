@@ -248,6 +248,9 @@ class PipelineStage:
                             if spec.val_dataset is not None and spec.val_chunks and (self.first or self.last) else None)
         self._val_cache: dict[int, np.ndarray] = {}
         self._val_cached = 0
+        self._train_mode = False
+        """Whether the layers were put in training mode since the last validation: once per
+        stretch of steps, not every step (a walk over every module of the stage)."""
         self.prev: Any = None
         self.next: Any = None
         self.peers: list[Any] = []
@@ -405,7 +408,9 @@ class PipelineStage:
         split = splits_backward(par.schedule)
         self.flat.zero_()
         self.core.bind(self.flat)  # backward accumulates every micro-batch straight into it
-        self.module.train()
+        if not self._train_mode:
+            self.module.train()
+            self._train_mode = True
         run = _Pass(start=time.time(), end=time.time())
         alive: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]] = {}
         """(micro-batch, chunk) -> its input, output and (split backward) the output's gradient."""
@@ -524,17 +529,15 @@ class PipelineStage:
         chunks = self.spec.val_chunks if self.spec.val_dataset is not None else ()
         sent: list[Any] = []
         self.module.eval()
-        try:
-            with torch.no_grad():
-                # Each rank in (validation chunk, virtual stage) order: every input comes from an
-                # earlier pair, so the ranks cannot wait on each other in a cycle.
-                for j, chunk in enumerate(chunks):
-                    for c in range(self.virtual):
-                        sent += self._validate_one(t, j, c, chunk, stats)
-            for future in sent:
-                future.result(timeout=self.timeout_s)
-        finally:
-            self.module.train()
+        self._train_mode = False  # the next step puts the layers back in training mode
+        with torch.no_grad():
+            # Each rank in (validation chunk, virtual stage) order: every input comes from an
+            # earlier pair, so the ranks cannot wait on each other in a cycle.
+            for j, chunk in enumerate(chunks):
+                for c in range(self.virtual):
+                    sent += self._validate_one(t, j, c, chunk, stats)
+        for future in sent:
+            future.result(timeout=self.timeout_s)
 
     def _validate_one(self, t: int, j: int, c: int, chunk: Chunk, stats: StepStats) -> list[Any]:
         """Validation chunk ``j`` through this rank's chunk ``c``: sent on, or scored at the end."""

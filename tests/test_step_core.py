@@ -304,7 +304,6 @@ def test_validation_after_the_update_equals_a_plain_evaluation(store, tmp_path):
     val_store = synthetic_store(tmp_path / "val.zarr", samples=70, features=16, classes=4, chunk=20, seed=5)
     stages = _pipeline(_pp_config(store, tmp_path / "run"), val=open_dataset(val_store, "inputs", "targets"))
     stats = _step(stages, 0, validate=True)
-    assert all(s.module.training for s in stages)  # back in training mode for the next step
     model = build_model(MLP["factory"], MLP["kwargs"], seed=0)
     model.load_state_dict({k: v for s in stages[:2] for k, v in s.state().items()})  # replica 0's weights
     group = zarr.open_group(str(val_store), mode="r")
@@ -318,8 +317,14 @@ def test_validation_after_the_update_equals_a_plain_evaluation(store, tmp_path):
     assert sum(s["val_loss_sum"] for s in lasts) == pytest.approx(float(loss("cross_entropy", out, y)) * 70, rel=1e-5)
     assert sum(s["val_correct"] for s in lasts) == int((out.argmax(dim=1) == y).sum())
     assert all((s["val_loss_sum"], s["val_count"], s["val_correct"]) == (0.0, 0, 0) for s in firsts)
-    # The next step trains as usual: the validation tensors did not linger in the mailboxes.
+    # The next step trains as usual: in training mode on every stage (its forward passes say so),
+    # and the validation tensors did not linger in the mailboxes.
+    modes: list[bool] = []
+    for s in stages:
+        for chunk in s.chunks:
+            chunk.register_forward_pre_hook(lambda module, args: modes.append(module.training))
     assert not any(isinstance(s, Exception) for s in _step(stages, 1))
+    assert modes and all(modes), modes
 
 
 @pytest.mark.timeout(120)
