@@ -71,7 +71,7 @@ def install_missing(wheels: str | None) -> list[str]:
 def run_tests(timeout: int) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
            str(ROOT / "tests" / "test_gpu.py"), str(ROOT / "tests" / "test_clusters.py"),
-           str(ROOT / "tests" / "test_pipeline_gpu.py")]
+           str(ROOT / "tests" / "test_pipeline_gpu.py"), str(ROOT / "tests" / "test_user_paths.py")]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-15:]
