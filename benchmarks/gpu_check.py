@@ -15,8 +15,11 @@ Figures (JSON, also printed): the pytest summary of ``-m gpu``, and samples/s of
   - the runner on one GPU (``python -m benchmarks --device cuda``) for the MLP and the CNN, tree
     and collective read per step and per segment against a plain loop on the GPU, and the
     per-step floor (``python -m benchmarks.overhead --device cuda``), each with its printed
-    table (``--no-runner`` leaves them out).
-Exit status: 0 when the tests pass, 1 when some fail, 2 when there is no GPU or a package is missing.
+    table.
+``--part tests`` runs the tests and the first three, ``--part runner`` the last; the default runs
+both, which can take longer than the ten minutes one command may have on a lent GPU machine.
+Exit status: 0 when the tests and the runner commands pass, 1 when one fails, 2 when there is no
+GPU or a package is missing.
 """
 
 from __future__ import annotations
@@ -199,6 +202,9 @@ def bench_pipeline_two_stages(workdir: Path, samples: int = 32_768, width: int =
     return out
 
 
+PARTS = ("all", "tests", "runner")
+"""What ``--part`` runs (see :func:`main`)."""
+
 RUNNER_COMMANDS = {
     "runner_mlp": ["-m", "benchmarks", "--device", "cuda", "--model", "mlp", "--repeats", "3",
                    "--modes", "tree,collective-step,collective-segment"],
@@ -245,8 +251,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     parser.add_argument("--steps", type=int, default=50, help="timed steps of the replica benchmark")
     parser.add_argument("--test-timeout", type=int, default=420)
-    parser.add_argument("--no-runner", dest="runner", action="store_false",
-                        help="leave out the runner and overhead comparisons against a plain GPU loop")
+    parser.add_argument("--part", choices=PARTS, default="all",
+                        help="tests: the gpu tests and the short benchmarks; runner: the one-GPU comparisons "
+                             "against a plain loop; all: both (split them where one command may run ten minutes)")
     parser.add_argument("--runner-timeout", type=int, default=240, help="seconds for each runner command")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -257,25 +264,29 @@ def main() -> int:
         print(f"gpu_check: torch {torch.__version__} sees no CUDA GPU; nothing to check", file=sys.stderr)
         return 2
     report: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-                    "installed": install_missing(args.wheels)}
-    report["tests"] = run_tests(args.test_timeout)
-    report["replica"] = bench_replica(args.steps)
+                    "installed": install_missing(args.wheels), "part": args.part}
+    failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            report["local_cuda"] = bench_local_cuda(Path(tmp))
-        except Exception as exc:  # report it beside the other figures rather than lose them
-            report["local_cuda"] = {"error": f"{type(exc).__name__}: {exc}"}
-        try:
-            report["pipeline_two_stages"] = bench_pipeline_two_stages(Path(tmp))
-        except Exception as exc:
-            report["pipeline_two_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
-        if args.runner:
+        if args.part in ("all", "tests"):
+            report["tests"] = run_tests(args.test_timeout)
+            failed = report["tests"]["returncode"] != 0
+            report["replica"] = bench_replica(args.steps)
+            try:
+                report["local_cuda"] = bench_local_cuda(Path(tmp))
+            except Exception as exc:  # report it beside the other figures rather than lose them
+                report["local_cuda"] = {"error": f"{type(exc).__name__}: {exc}"}
+            try:
+                report["pipeline_two_stages"] = bench_pipeline_two_stages(Path(tmp))
+            except Exception as exc:
+                report["pipeline_two_stages"] = {"error": f"{type(exc).__name__}: {exc}"}
+        if args.part in ("all", "runner"):
             report["one_gpu_vs_plain"] = bench_runner(Path(tmp), args.runner_timeout)
+            failed = failed or any(r.get("returncode") != 0 for r in report["one_gpu_vs_plain"].values())
     Path(args.out).write_text(json.dumps(report, indent=1))
     # The runner's tables were printed as they came; its figures are in the file.
     print(json.dumps({k: v for k, v in report.items() if k not in ("tests", "one_gpu_vs_plain")}, indent=1))
     print(f"gpu_check: results in {args.out}")
-    return 0 if report["tests"]["returncode"] == 0 else 1
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
